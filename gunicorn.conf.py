@@ -1,0 +1,45 @@
+"""gunicorn settings, derived from the one settings model (``LLMSERVE_*`` and ``LLMSERVE_CONFIG``).
+
+The model is loaded in each worker after fork (``post_worker_init``), never in the master: threads, locks
+and GPU contexts do not survive a fork.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from llmserve.logs import logging_config
+from llmserve.settings import SettingsError, load_settings
+
+try:
+    _settings = load_settings()
+except SettingsError as _error:
+    sys.exit(f"llmserve: {_error}")
+
+wsgi_app = "app:app"
+bind = [f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"]
+workers = _settings.workers
+worker_class = "gevent"
+worker_connections = _settings.worker_connections
+# With gevent workers `timeout` is a heartbeat of the hub, not a request limit; the hub never blocks.
+timeout = 30
+graceful_timeout = _settings.graceful_timeout
+keepalive = 75
+preload_app = False
+logconfig_dict = logging_config(_settings)
+accesslog = None
+proc_name = "llmserve"
+# Managed through signals (systemd, Kubernetes); a shared default socket path would let one instance's
+# control commands reach another on the same host.
+control_socket_disable = True
+
+
+def post_worker_init(worker):  # type: ignore[no-untyped-def]
+    """Start this worker's engine thread, which loads the model; /readyz turns 200 when it is warm."""
+    worker.wsgi.extensions["llmserve.service"].start()
+
+
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    service = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("llmserve.service")
+    if service is not None:
+        service.stop()

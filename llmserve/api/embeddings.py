@@ -1,0 +1,84 @@
+"""POST /v1/embeddings: mean-pooled, L2-normalised vectors from the served model."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+from flask import Blueprint, Response, g, jsonify
+
+from llmserve.api.request import parse_body
+from llmserve.api.runner import Usage
+from llmserve.api.schemas import EmbeddingRequest
+from llmserve.engine.jobs import Embeddings, EmbeddingSpec, Finished, FinishReason, Job, Rejected
+from llmserve.engine.stream import EventStream
+from llmserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, QueueTimeout
+from llmserve.service import current_service
+
+blueprint = Blueprint("embeddings", __name__)
+
+
+def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+@blueprint.post("/v1/embeddings")
+def create_embeddings() -> Response:
+    body = parse_body(EmbeddingRequest)
+    service = current_service()
+    service.require_model(body.model)
+    if not service.settings.model.embeddings:
+        raise InvalidRequest(f"The model `{service.model_id}` does not serve embeddings.", param="model")
+    vocab = service.vocab
+    limit = service.settings.model.embedding_context
+    inputs = []
+    for number, item in enumerate(body.input):
+        tokens = service.tokenize(item, add_special=True) if isinstance(item, str) else item
+        if len(tokens) > limit:
+            raise ContextLengthExceeded(
+                f"Input {number} is {len(tokens)} tokens long; this model embeds at most {limit} tokens.",
+                param="input",
+            )
+        if not all(vocab.is_valid(t) for t in tokens):
+            raise InvalidRequest(f"input {number} holds a token id outside the vocabulary", param="input")
+        inputs.append(tuple(tokens))
+    vectors = _run(service, EmbeddingSpec(tuple(inputs)))
+    prompt_tokens = sum(len(tokens) for tokens in inputs)
+    g.usage = Usage(prompt_tokens=prompt_tokens)
+    return jsonify(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
+                for i, v in enumerate(vectors)
+            ],
+            "model": service.model_id,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+    )
+
+
+def _run(service, spec: EmbeddingSpec) -> tuple[np.ndarray, ...]:
+    stream = EventStream()
+    job = Job(spec, stream.sink(0))
+    service.engine.submit(job)
+    vectors: tuple[np.ndarray, ...] | None = None
+    try:
+        while True:
+            item = stream.get(service.settings.queue_timeout)
+            if item is None:
+                raise QueueTimeout("The embedding request waited too long; retry later.", retry_after=1)
+            event = item[1]
+            if isinstance(event, Embeddings):
+                vectors = event.vectors
+            elif isinstance(event, Rejected):
+                raise QueueTimeout("The server cannot take this request now; retry later.", retry_after=1)
+            elif isinstance(event, Finished):
+                if event.reason is not FinishReason.STOP or vectors is None:
+                    raise EngineFailure("The engine could not compute these embeddings.")
+                return vectors
+    finally:
+        if vectors is None:
+            service.engine.cancel(job)

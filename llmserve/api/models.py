@@ -1,0 +1,30 @@
+"""GET /v1/models and /v1/models/{id}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from llmserve.service import ModelService, current_service
+
+blueprint = Blueprint("models", __name__)
+
+# One fixed timestamp per process is enough: clients only display it.
+_CREATED = 1_735_689_600
+
+
+def _model_card(service: ModelService) -> dict[str, Any]:
+    return {"id": service.model_id, "object": "model", "created": _CREATED, "owned_by": "llmserve"}
+
+
+@blueprint.get("/v1/models")
+def list_models() -> Response:
+    return jsonify({"object": "list", "data": [_model_card(current_service())]})
+
+
+@blueprint.get("/v1/models/<path:model_id>")
+def retrieve_model(model_id: str) -> Response:
+    service = current_service()
+    service.require_model(model_id)
+    return jsonify(_model_card(service))

@@ -1,0 +1,168 @@
+"""Turning a validated request into engine work, and engine output into a response.
+
+Shared by completions and chat: JSON parsing with OpenAI errors, the model and context-length checks
+made before anything is queued, sampling parameters, and the common run-then-respond flow (streamed or
+not). Endpoint modules only say how their responses are shaped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Protocol, TypeVar
+
+from flask import Response, g, jsonify, request
+from pydantic import BaseModel, ValidationError
+
+from llmserve.api import sse
+from llmserve.api.runner import Choice, GenerationRun, Update
+from llmserve.api.schemas import GenerationRequest
+from llmserve.engine.jobs import GenerationSpec, SamplingParams
+from llmserve.errors import ContextLengthExceeded, InvalidRequest, UnsupportedMediaType, from_validation_error
+from llmserve.service import ModelService
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_body(model: type[M]) -> M:
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}.")
+    try:
+        payload = json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def sampling_params(body: GenerationRequest, vocab_size: int) -> SamplingParams:
+    bias = []
+    for token, value in (body.logit_bias or {}).items():
+        if int(token) >= vocab_size:
+            raise InvalidRequest(f"logit_bias names token {token}, beyond the vocabulary", param="logit_bias")
+        bias.append((int(token), value))
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repeat_penalty=body.repeat_penalty,
+        seed=body.seed,
+        logit_bias=tuple(bias),
+    )
+
+
+def output_budget(prompt_tokens: int, requested: int | None, context_length: int, default: int | None) -> int:
+    """Tokens the model may generate; a 400 when the prompt, or prompt plus request, cannot fit."""
+    if prompt_tokens >= context_length:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens. However, your prompt is "
+            f"{prompt_tokens} tokens long.",
+            param="messages" if request.path.endswith("chat/completions") else "prompt",
+        )
+    room = context_length - prompt_tokens
+    if requested is not None and requested > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
+            "completion). Please reduce the prompt or the completion length.",
+            param="max_tokens",
+        )
+    limit = requested if requested is not None else default
+    return min(limit, room) if limit is not None else room
+
+
+def build_choices(
+    service: ModelService,
+    body: GenerationRequest,
+    prompts: list[tuple[int, ...]],
+    *,
+    requested: int | None,
+    default_max_tokens: int | None,
+    top_logprobs: int | None,
+) -> list[Choice]:
+    """One choice per prompt and per ``n``, indexed as the OpenAI API does (prompt-major)."""
+    sampling = sampling_params(body, service.vocab.size)
+    context_length = service.settings.model.context_length
+    choices: list[Choice] = []
+    for prompt in prompts:
+        budget = output_budget(len(prompt), requested, context_length, default_max_tokens)
+        spec = GenerationSpec(prompt, budget, sampling, top_logprobs)
+        choices.extend(Choice(len(choices), spec, body.stop_sequences) for _ in range(body.n))
+    return choices
+
+
+class Renderer(Protocol):
+    """How one endpoint shapes its output."""
+
+    object_name: str
+    chunk_object_name: str
+
+    def opening_chunks(self) -> list[dict[str, Any]]: ...
+
+    def chunk_choice(self, update: Update) -> dict[str, Any]: ...
+
+    def final_choice(self, index: int, text: str, logprobs: list[Any], finish_reason: str) -> dict[str, Any]: ...
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def respond(
+    service: ModelService,
+    body: GenerationRequest,
+    choices: list[Choice],
+    renderer: Renderer,
+    response_id: str,
+) -> Response:
+    """Run the choices on the engine, then answer with one JSON body or an SSE stream."""
+    settings = service.settings
+    run = GenerationRun(
+        service.engine, choices, heartbeat=settings.heartbeat_interval, admission_timeout=settings.queue_timeout + 5
+    )
+    try:
+        run.admit()
+    except BaseException:
+        run.close()
+        raise
+    created = int(time.time())
+    envelope = {"id": response_id, "created": created, "model": service.model_id}
+    g.usage = run.usage
+    if body.stream:
+        chunk_envelope = {**envelope, "object": renderer.chunk_object_name}
+        return sse.stream_response(_stream_chunks(run, renderer, chunk_envelope, body.include_usage), run.close)
+    try:
+        collected: dict[int, tuple[list[str], list[Any]]] = {c.index: ([], []) for c in choices}
+        for update in run.updates():
+            if update is not None:
+                texts, logprobs = collected[update.index]
+                texts.append(update.delta.text)
+                logprobs.extend(update.delta.logprobs)
+    finally:
+        run.close()
+    final = [
+        renderer.final_choice(i, "".join(texts), logprobs, run.finish_reasons[i])
+        for i, (texts, logprobs) in sorted(collected.items())
+    ]
+    return jsonify({**envelope, "object": renderer.object_name, "choices": final, "usage": run.usage.as_dict()})
+
+
+def _stream_chunks(
+    run: GenerationRun, renderer: Renderer, envelope: dict[str, Any], include_usage: bool
+) -> Iterator[dict[str, Any] | None]:
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    for choice in renderer.opening_chunks():
+        yield {**envelope, "choices": [choice], **extra}
+    for update in run.updates():
+        yield None if update is None else {**envelope, "choices": [renderer.chunk_choice(update)], **extra}
+    if include_usage:
+        yield {**envelope, "choices": [], "usage": run.usage.as_dict()}

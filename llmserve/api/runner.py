@@ -1,0 +1,147 @@
+"""Running one request's generations on the engine and turning engine events into text updates.
+
+A request may hold several choices (``n``, or several prompts); each is one engine job, all reporting into
+one event stream. The HTTP status is decided only once every job has been admitted to a slot, so a
+request that cannot be served gets an honest 503 with ``Retry-After`` rather than a 200 followed by an
+error. After that, updates flow as tokens arrive; the caller turns them into JSON or SSE chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from llmserve.api.text import Delta, TextAssembler
+from llmserve.engine.engine import Engine
+from llmserve.engine.jobs import (
+    Admitted,
+    Finished,
+    FinishReason,
+    GenerationSpec,
+    Job,
+    Rejected,
+    RejectReason,
+    Token,
+)
+from llmserve.engine.stream import EventStream
+from llmserve.errors import EngineFailure, QueueFull, QueueTimeout, ServiceUnavailable
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    spec: GenerationSpec
+    stop: tuple[str, ...]
+
+
+@dataclass
+class Update:
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+def _rejection(event: Rejected) -> ServiceUnavailable:
+    if event.reason is RejectReason.QUEUE_FULL:
+        return QueueFull("All slots are busy and the queue is full; retry later.", retry_after=event.retry_after)
+    if event.reason is RejectReason.QUEUE_TIMEOUT:
+        return QueueTimeout("The request waited too long for a free slot; retry later.", retry_after=event.retry_after)
+    return ServiceUnavailable("The server is shutting down; retry on another instance.", retry_after=1)
+
+
+class GenerationRun:
+    """The jobs of one request. Always ``close`` it: unfinished jobs are cancelled there."""
+
+    def __init__(self, engine: Engine, choices: list[Choice], *, heartbeat: float, admission_timeout: float):
+        assert engine.vocab is not None
+        self._engine = engine
+        self._stream = EventStream()
+        self._heartbeat = heartbeat
+        self._admission_timeout = admission_timeout
+        self._jobs = [Job(choice.spec, self._stream.sink(i)) for i, choice in enumerate(choices)]
+        self._choices = choices
+        self._texts = [TextAssembler(engine.vocab.piece, choice.stop) for choice in choices]
+        self._open = set(range(len(choices)))
+        self._early: list[tuple[int, object]] = []
+        self.usage = Usage(prompt_tokens=sum(len(c.spec.prompt) for c in choices))
+        self.finish_reasons: dict[int, str] = {}
+        self.admitted_at: float | None = None
+
+    def admit(self) -> None:
+        """Submit every job and wait until all hold a slot; raise a 503 error if any is refused."""
+        for job in self._jobs:
+            self._engine.submit(job)
+        waiting = set(range(len(self._jobs)))
+        deadline = time.monotonic() + self._admission_timeout
+        while waiting:
+            item = self._stream.get(max(0.0, deadline - time.monotonic()))
+            if item is None:
+                raise QueueTimeout("The request waited too long for a free slot; retry later.", retry_after=1)
+            tag, event = item
+            if isinstance(event, Rejected):
+                raise _rejection(event)
+            if isinstance(event, Admitted):
+                waiting.discard(tag)
+                self.usage.cached_tokens += event.cached_tokens
+            else:
+                self._early.append(item)
+        self.admitted_at = time.monotonic()
+
+    def updates(self) -> Iterator[Update | None]:
+        """Text updates as they come; ``None`` when nothing came for a heartbeat interval."""
+        pending = self._early
+        self._early = []
+        while self._open:
+            item = pending.pop(0) if pending else self._stream.get(self._heartbeat)
+            if item is None:
+                yield None
+                continue
+            tag, event = item
+            if tag not in self._open:
+                continue  # tokens a stopped sequence produced before the engine saw the cancel
+            update = self._apply(tag, event)
+            if update is not None:
+                yield update
+
+    def _apply(self, tag: int, event: object) -> Update | None:
+        text = self._texts[tag]
+        if isinstance(event, Token):
+            delta = text.add(event.token, event.logprob)
+            if text.stopped:
+                self._engine.cancel(self._jobs[tag])
+                return self._finish(tag, delta, FinishReason.STOP)
+            return Update(tag, delta) if delta.text or delta.logprobs else None
+        if isinstance(event, Finished):
+            if event.reason in (FinishReason.STOP, FinishReason.LENGTH):
+                return self._finish(tag, text.finish(), event.reason)
+            raise EngineFailure("The engine stopped this generation; retry the request.")
+        if isinstance(event, Rejected):
+            raise _rejection(event)
+        return None
+
+    def _finish(self, tag: int, delta: Delta, reason: FinishReason) -> Update:
+        self._open.discard(tag)
+        self.usage.completion_tokens += self._texts[tag].tokens
+        self.finish_reasons[tag] = reason.value
+        return Update(tag, delta, reason.value)
+
+    def close(self) -> None:
+        for tag in self._open:
+            self._engine.cancel(self._jobs[tag])
+        self._open.clear()

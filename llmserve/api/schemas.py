@@ -1,0 +1,180 @@
+"""Request models for the OpenAI endpoints.
+
+Unknown parameters are refused (as the OpenAI API does) rather than silently ignored, and parameters
+that exist in the API but are not supported here are refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+def _check_token_list(value: list[Any], what: str) -> list[int]:
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise ValueError(f"{what} must hold only integer token ids")
+    return value
+
+
+def _prompt_list(value: Any) -> list[str | list[int]]:
+    """Accept a string, strings, a token list or token lists; return a list of prompts."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return list(value)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in value):
+            return [value]
+        if all(isinstance(p, list) for p in value):
+            return [_check_token_list(p, "each token list") for p in value]
+    raise ValueError("must be a string, a list of strings, a list of token ids, or a list of token id lists")
+
+
+class GenerationRequest(StrictModel):
+    """Parameters shared by completions and chat completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(None, max_length=256)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Extensions beyond the OpenAI API, as llama.cpp's servers offer them.
+    top_k: int = Field(0, ge=0, le=100_000)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repeat_penalty: float = Field(1.0, gt=0, le=10)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias for token {token} must be between -100 and 100, got {bias!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Any
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: None = Field(None, description="Fill-in-the-middle is not supported.")
+    best_of: Literal[1] | None = Field(None, description="Only best_of=1 is supported.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shapes(cls, value: Any) -> list[str | list[int]]:
+        return _prompt_list(value)
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        """Content given as parts becomes the concatenation of its text parts."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for number, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {number} has type {kind!r}; only 'text' parts are supported")
+            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ValueError(f"part {number} must be {{'type': 'text', 'text': <string>}}")
+            texts.append(part["text"])
+        return "".join(texts)
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None:
+            raise ValueError(f"a {self.role} message needs content")
+        return self
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    response_format: ResponseFormat | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _logprob_options(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("set max_tokens or max_completion_tokens, not both")
+        return self
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class EmbeddingRequest(StrictModel):
+    model: str = Field(min_length=1)
+    input: Any
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("input")
+    @classmethod
+    def _input_shapes(cls, value: Any) -> list[str | list[int]]:
+        prompts = _prompt_list(value)
+        if any(isinstance(p, str) and not p for p in prompts):
+            raise ValueError("inputs must not be empty strings")
+        return prompts

@@ -1,0 +1,23 @@
+"""The app factory: one Flask app per call, each subsystem plugged in with ``init_app``."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from llmserve import api, errors, requestlog
+from llmserve.service import ModelService
+from llmserve.settings import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the app. The model is not loaded here: ``ModelService.start`` does that in the worker."""
+    settings = settings or load_settings()
+    app = Flask("llmserve")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    errors.init_app(app)
+    requestlog.init_app(app)
+    ModelService(settings).init_app(app)
+    api.init_app(app)
+    return app

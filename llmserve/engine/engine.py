@@ -1,0 +1,380 @@
+"""The engine: one native OS thread that owns the model and decodes every running sequence together.
+
+Greenlets talk to it only through ``submit`` and ``cancel``; it answers through each job's event sink.
+Each step builds one batch holding the next token of every decoding sequence plus a bounded chunk of
+prompt for sequences being prefilled, runs one ``llama_decode``, and samples each sequence with its own
+sampler chain. Jobs join and leave between steps. A free slot is given to the job that the scheduler
+picks, preferring the slot whose cached tokens share the longest prefix with the job's prompt.
+"""
+
+from __future__ import annotations
+
+import _queue
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+from gevent import monkey
+
+from llmserve.engine.embedder import Embedder
+from llmserve.engine.jobs import (
+    Admitted,
+    Embeddings,
+    EmbeddingSpec,
+    Finished,
+    FinishReason,
+    GenerationSpec,
+    Job,
+    Rejected,
+    RejectReason,
+    Token,
+)
+from llmserve.engine.llama_model import LlamaContext, LlamaModel, Vocabulary
+from llmserve.engine.sampling import Sampler, token_logprob
+from llmserve.engine.stats import EngineStats, StatsRecorder
+from llmserve.settings import ModelSettings
+from scheduler import DrainRate, FifoScheduler, MonotonicClock, QueueFullError
+
+log = logging.getLogger(__name__)
+
+# Real OS threads and locks even after gevent's monkey-patching (threading.Thread would be a greenlet).
+_start_native_thread = monkey.get_original("_thread", "start_new_thread")
+_native_lock = monkey.get_original("_thread", "allocate_lock")
+_native_thread_id = monkey.get_original("_thread", "get_native_id")
+
+IDLE_WAIT = 0.5  # seconds the idle engine sleeps on its inbox before it reports liveness again
+
+
+class EngineState(StrEnum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class Slot:
+    """One sequence slot: a KV-cache sequence id, the tokens it holds, and the job decoding in it."""
+
+    index: int
+    cached: list[int] = field(default_factory=list)
+    job: Job | None = None
+    spec: GenerationSpec | None = None
+    sampler: Sampler | None = None
+    prefilled: int = 0
+    generated: int = 0
+    next_token: int = -1
+    output_index: int = -1
+
+    @property
+    def prefilling(self) -> bool:
+        return self.spec is not None and self.prefilled < len(self.spec.prompt)
+
+
+def _common_prefix(a: list[int], b: tuple[int, ...]) -> int:
+    length = min(len(a), len(b))
+    for i in range(length):
+        if a[i] != b[i]:
+            return i
+    return length
+
+
+class Engine:
+    """Continuous-batching engine for one model. ``start`` spawns the thread that loads and serves it."""
+
+    def __init__(
+        self,
+        model_settings: ModelSettings,
+        model_path: Callable[[], Path],
+        *,
+        queue_size: int,
+        queue_timeout: float,
+    ) -> None:
+        self.settings = model_settings
+        self._model_path = model_path  # resolved on the engine thread: assembling a GGUF takes seconds
+        self._queue_timeout = queue_timeout
+        self._inbox: _queue.SimpleQueue[Job | None] = _queue.SimpleQueue()
+        clock = MonotonicClock()
+        self._scheduler: FifoScheduler[Job] = FifoScheduler(clock, max_queued=queue_size)
+        self._drain = DrainRate(clock)
+        self._slots = [Slot(i) for i in range(model_settings.parallel)]
+        self._stats = StatsRecorder(model_settings.parallel)
+        self._embed_queue: list[Job] = []
+        self._embedded: dict[Job, list[np.ndarray]] = {}
+        self._stopping = False
+        self._exited = _native_lock()
+        self.state = EngineState.STARTING
+        self.failure: str | None = None
+        self.model: LlamaModel | None = None
+        self.vocab: Vocabulary | None = None
+        self.thread_id: int | None = None
+        self.last_progress = time.monotonic()
+
+    # -- the greenlet side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._exited.acquire()
+        _start_native_thread(self._run, ())
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job wherever it is; its slot is free again before the next step."""
+        job.cancelled = True
+        self._inbox.put(None)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Ask the thread to finish its jobs as cancelled and free the model; True once it has exited."""
+        self._stopping = True
+        self._inbox.put(None)
+        if self.state == EngineState.STARTING:
+            return True
+        exited = self._exited.acquire(True, timeout)
+        if exited:
+            self._exited.release()
+        return exited
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (EngineState.STARTING, EngineState.LOADING, EngineState.READY)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any job is queued or running (the watchdog only judges progress while busy)."""
+        stats = self._stats.snapshot
+        return stats.slots_busy > 0 or stats.queued > 0
+
+    def stats(self) -> EngineStats:
+        return self._stats.snapshot
+
+    # -- the engine thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.thread_id = _native_thread_id()
+        context: LlamaContext | None = None
+        embedder: Embedder | None = None
+        try:
+            self.state = EngineState.LOADING
+            started = time.monotonic()
+            self.model = LlamaModel(self._model_path(), gpu_layers=self.settings.gpu_layers)
+            self.vocab = self.model.vocab
+            context = LlamaContext(
+                self.model,
+                n_ctx=self.settings.context_length * self.settings.parallel,
+                n_batch=self.settings.batch_tokens,
+                n_seq_max=self.settings.parallel,
+                threads=self.settings.threads,
+            )
+            if self.settings.embeddings:
+                embedder = Embedder(self.model, self.settings)
+            self._warm_up(context, embedder)
+            self._stats.model_load_seconds = time.monotonic() - started
+            log.info(
+                "engine %s: ready in %.1fs (%d slots x %d tokens)",
+                self.settings.id,
+                self._stats.model_load_seconds,
+                self.settings.parallel,
+                self.settings.context_length,
+            )
+            self.state = EngineState.READY
+            self._loop(context, embedder)
+            self.state = EngineState.STOPPED
+        except Exception as exc:
+            log.exception("engine %s: failed", self.settings.id)
+            self.failure = str(exc)
+            self.state = EngineState.FAILED
+        finally:
+            self._fail_everything()
+            if embedder is not None:
+                embedder.close()
+            if context is not None:
+                context.close()
+            if self.model is not None:
+                self.model.close()
+            self._exited.release()
+
+    def _warm_up(self, context: LlamaContext, embedder: Embedder | None) -> None:
+        """One tiny decode, so the first request does not pay for lazy allocations."""
+        assert self.vocab is not None
+        tokens = self.vocab.tokenize("Hello", add_special=True)
+        context.clear_batch()
+        for position, token in enumerate(tokens):
+            context.add(token, position, 0, position == len(tokens) - 1)
+        context.decode()
+        context.forget(0)
+        if embedder is not None:
+            embedder.embed((tuple(tokens),))
+
+    def _loop(self, context: LlamaContext, embedder: Embedder | None) -> None:
+        while not self._stopping:
+            self.last_progress = time.monotonic()
+            idle = not self._embed_queue and all(slot.job is None for slot in self._slots) and not len(self._scheduler)
+            self._take_inbox(block=idle)
+            self._drop_cancelled_and_expired()
+            self._admit(context)
+            if self._embed_queue and embedder is not None:
+                self._embed_next(embedder)
+            if any(slot.job is not None for slot in self._slots):
+                self._step(context)
+            busy = [slot for slot in self._slots if slot.job is not None]
+            self._stats.publish(
+                busy=len(busy),
+                prefilling=sum(1 for slot in busy if slot.prefilling),
+                kv_cells=sum(len(slot.cached) for slot in self._slots),
+                queued=len(self._scheduler),
+                jobs_per_second=self._drain.per_second,
+            )
+
+    def _take_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=IDLE_WAIT) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._accept(item)
+                item = self._inbox.get_nowait()
+        except _queue.Empty:
+            pass
+
+    def _accept(self, job: Job) -> None:
+        if isinstance(job.spec, EmbeddingSpec):
+            self._embed_queue.append(job)
+            return
+        try:
+            self._scheduler.submit(job, timeout=self._queue_timeout)
+        except QueueFullError:
+            self._stats.rejected += 1
+            job.sink.push(Rejected(RejectReason.QUEUE_FULL, self._drain.retry_after(len(self._scheduler))))
+
+    def _drop_cancelled_and_expired(self) -> None:
+        for job in self._scheduler.jobs():
+            if job.cancelled:
+                self._scheduler.remove(job)
+                self._stats.cancelled += 1
+                job.sink.push(Finished(FinishReason.CANCELLED))
+        for job in self._scheduler.expired():
+            self._stats.rejected += 1
+            job.sink.push(Rejected(RejectReason.QUEUE_TIMEOUT, self._drain.retry_after(len(self._scheduler))))
+        for job in [job for job in self._embed_queue if job.cancelled]:
+            self._embed_queue.remove(job)
+            self._embedded.pop(job, None)
+            job.sink.push(Finished(FinishReason.CANCELLED))
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._retire(slot, FinishReason.CANCELLED)
+
+    def _admit(self, context: LlamaContext) -> None:
+        free = [slot for slot in self._slots if slot.job is None]
+        while free:
+            job = self._scheduler.next()
+            if job is None:
+                return
+            assert isinstance(job.spec, GenerationSpec)
+            spec = job.spec
+            # Reuse the longest cached prefix; the last prompt token is always decoded again for logits.
+            slot = max(free, key=lambda s: _common_prefix(s.cached, spec.prompt))
+            free.remove(slot)
+            reuse = min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1)
+            context.forget(slot.index, reuse)
+            del slot.cached[reuse:]
+            slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
+            assert self.vocab is not None
+            slot.sampler = Sampler(spec.sampling, self.vocab.size)
+            self._stats.cached_prompt_tokens += reuse
+            job.sink.push(Admitted(cached_tokens=reuse))
+
+    def _step(self, context: LlamaContext) -> None:
+        context.clear_batch()
+        active = [slot for slot in self._slots if slot.job is not None]
+        for slot in active:
+            slot.output_index = -1
+            if not slot.prefilling:
+                slot.output_index = context.add(slot.next_token, len(slot.cached), slot.index, True)
+                slot.cached.append(slot.next_token)
+        budget = context.capacity - context.batch_size
+        for slot in active:
+            if budget <= 0:
+                break
+            if not slot.prefilling:
+                continue
+            assert slot.spec is not None
+            prompt = slot.spec.prompt
+            chunk_end = min(len(prompt), slot.prefilled + budget)
+            for position in range(slot.prefilled, chunk_end):
+                index = context.add(prompt[position], position, slot.index, position == len(prompt) - 1)
+            slot.cached.extend(prompt[slot.prefilled : chunk_end])
+            budget -= chunk_end - slot.prefilled
+            self._stats.prompt_tokens += chunk_end - slot.prefilled
+            slot.prefilled = chunk_end
+            if chunk_end == len(prompt):
+                slot.output_index = index
+        started = time.perf_counter()
+        context.decode()
+        for slot in active:
+            if slot.output_index >= 0:
+                self._sample(context, slot)
+        self._stats.record_step(time.perf_counter() - started, context.batch_size)
+
+    def _sample(self, context: LlamaContext, slot: Slot) -> None:
+        assert slot.job is not None and slot.spec is not None and slot.sampler is not None
+        assert self.vocab is not None
+        token = slot.sampler.sample(context.pointer, slot.output_index)
+        logprob = None
+        if slot.spec.top_logprobs is not None:
+            logprob = token_logprob(context.logits(slot.output_index), token, slot.spec.top_logprobs)
+        slot.generated += 1
+        slot.next_token = token
+        self._stats.generated_tokens += 1
+        slot.job.sink.push(Token(token, logprob))
+        if self.vocab.is_end_of_generation(token):
+            self._retire(slot, FinishReason.STOP)
+        elif slot.generated >= slot.spec.max_tokens or len(slot.cached) + 1 >= self.settings.context_length:
+            self._retire(slot, FinishReason.LENGTH)
+
+    def _retire(self, slot: Slot, reason: FinishReason) -> None:
+        assert slot.job is not None
+        slot.job.sink.push(Finished(reason, slot.generated))
+        if reason is FinishReason.CANCELLED:
+            self._stats.cancelled += 1
+        self._drain.record_finished()
+        if slot.sampler is not None:
+            slot.sampler.close()
+        slot.job, slot.spec, slot.sampler, slot.output_index = None, None, None, -1
+
+    def _embed_next(self, embedder: Embedder) -> None:
+        """One embedding decode for the oldest embedding job; a job of many inputs takes several turns."""
+        job = self._embed_queue[0]
+        assert isinstance(job.spec, EmbeddingSpec)
+        done = self._embedded.setdefault(job, [])
+        remaining = job.spec.inputs[len(done) :]
+        if not done:
+            job.sink.push(Admitted(cached_tokens=0))
+        vectors = embedder.embed(remaining[: embedder.fitting(remaining)])
+        done.extend(vectors)
+        self._stats.embedded_inputs += len(vectors)
+        if len(done) == len(job.spec.inputs):
+            self._embed_queue.pop(0)
+            del self._embedded[job]
+            job.sink.push(Embeddings(tuple(done)))
+            job.sink.push(Finished(FinishReason.STOP))
+
+    def _fail_everything(self) -> None:
+        """Leave no waiting client behind when the thread ends, however it ends."""
+        for slot in self._slots:
+            if slot.job is not None:
+                self._retire(slot, FinishReason.ERROR if self.state == EngineState.FAILED else FinishReason.CANCELLED)
+        for job in self._scheduler.jobs() + self._embed_queue:
+            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+        self._embed_queue.clear()
+        try:
+            while True:
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    item.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+        except _queue.Empty:
+            pass

@@ -1,0 +1,136 @@
+"""What greenlets hand the engine (jobs) and what the engine hands back (events).
+
+Jobs and events are small immutable values so that crossing from the engine's native thread to the gevent
+hub needs no locks: a job's only mutable field is its ``cancelled`` flag, written by the request side
+and read by the engine between steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import numpy as np
+
+_job_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence sampling; each running sequence keeps its own sampler chain built from these."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    prompt: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    top_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("prompt must hold at least one token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens!r}")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    inputs: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.inputs or not all(self.inputs):
+            raise ValueError("every embedding input must hold at least one token")
+
+
+class RejectReason(StrEnum):
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
+    SHUTTING_DOWN = "shutting_down"
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The job left the queue and holds a slot; ``cached_tokens`` of its prompt were reused."""
+
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: RejectReason
+    retry_after: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Token:
+    token: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    generated_tokens: int = 0
+
+
+Event = Admitted | Rejected | Token | Embeddings | Finished
+
+
+class EventSink(Protocol):
+    def push(self, event: Event) -> None:
+        """Deliver an event; called from the engine thread, must not block."""
+        ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One unit of engine work. Identity is the job itself (hashable by id)."""
+
+    spec: GenerationSpec | EmbeddingSpec
+    sink: EventSink
+    id: int = field(default_factory=lambda: next(_job_ids))
+    cancelled: bool = False
+
+    def __hash__(self) -> int:
+        return self.id

@@ -1,0 +1,209 @@
+"""A thin, typed layer over llama-cpp-python's low-level API: model, vocabulary and contexts.
+
+The high-level ``llama_cpp.Llama`` object is not thread-safe and runs one sequence at a time, so the
+engine drives llama.cpp directly. Contexts are used only on the engine thread; the vocabulary is
+read-only after load, so tokenizing and detokenizing are safe from any thread (llama-server does the
+same from its HTTP threads).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# llama-cpp-python prints llama.cpp's log to stderr unless its logger says otherwise.
+logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
+lc.llama_backend_init()
+
+
+class LlamaError(Exception):
+    """llama.cpp refused an operation."""
+
+
+class Vocabulary:
+    """Tokenizer and detokenizer of a loaded model."""
+
+    def __init__(self, model: lc.llama_model_p) -> None:
+        self._vocab = lc.llama_model_get_vocab(model)
+        self.size = lc.llama_vocab_n_tokens(self._vocab)
+        self.bos = lc.llama_vocab_bos(self._vocab)
+        self.eos = lc.llama_vocab_eos(self._vocab)
+        self.adds_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
+        self._pieces: dict[int, bytes] = {}
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Tokenize ``text``; special tokens written in it (``<start_of_turn>``) are parsed as such."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (lc.llama_token * capacity)()
+        count = lc.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, True)
+        if count < 0:
+            capacity = -count
+            buffer = (lc.llama_token * capacity)()
+            count = lc.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, True)
+        if count < 0:
+            raise LlamaError(f"tokenization failed for a text of {len(data)} bytes")
+        return list(buffer[:count])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token as it appears in generated text (control tokens render empty)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        buffer = ctypes.create_string_buffer(64)
+        length = lc.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+        if length < 0:
+            buffer = ctypes.create_string_buffer(-length)
+            length = lc.llama_token_to_piece(self._vocab, token, buffer, -length, 0, False)
+        piece = buffer.raw[:length]
+        self._pieces[token] = piece
+        return piece
+
+    def special_text(self, token: int) -> str:
+        """A control token's own text (``<bos>``), as chat templates write it."""
+        buffer = ctypes.create_string_buffer(256)
+        length = lc.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[: max(0, length)].decode("utf-8", errors="replace")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self._vocab, token))
+
+    def is_valid(self, token: int) -> bool:
+        return 0 <= token < self.size
+
+    def token_text(self, token: int) -> str:
+        """A token's text for logprobs listings; bytes that are not UTF-8 on their own are escaped."""
+        return self.piece(token).decode("utf-8", errors="backslashreplace")
+
+
+class LlamaModel:
+    """A loaded GGUF model."""
+
+    def __init__(self, path: Path, *, gpu_layers: int) -> None:
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers if gpu_layers >= 0 else 1_000_000
+        self.path = path
+        self.pointer = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not self.pointer:
+            raise LlamaError(f"llama.cpp could not load {path}")
+        self.vocab = Vocabulary(self.pointer)
+        self.context_train = lc.llama_model_n_ctx_train(self.pointer)
+        self.embedding_size = lc.llama_model_n_embd(self.pointer)
+
+    def metadata(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(1 << 16)
+        length = lc.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
+        if length < 0:
+            return None
+        if length >= len(buffer):
+            buffer = ctypes.create_string_buffer(length + 1)
+            lc.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        if self.pointer:
+            lc.llama_model_free(self.pointer)
+            self.pointer = None
+
+
+class LlamaContext:
+    """A llama.cpp context with its KV memory and one reusable batch; engine thread only."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_seq_max: int,
+        threads: int,
+        embeddings: bool = False,
+        unified_kv: bool = False,
+    ) -> None:
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.kv_unified = unified_kv
+        params.no_perf = True
+        if embeddings:
+            params.embeddings = True
+            params.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
+        self.pointer = lc.llama_init_from_model(model.pointer, params)
+        if not self.pointer:
+            raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self.n_vocab = model.vocab.size
+        self.n_embd = model.embedding_size
+        self.capacity = n_batch
+        self.memory = lc.llama_get_memory(self.pointer)
+        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._size = 0
+
+    # -- batch building -------------------------------------------------------------------------
+
+    def clear_batch(self) -> None:
+        self._size = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self._size
+
+    def add(self, token: int, position: int, sequence: int, wants_output: bool) -> int:
+        """Append one token to the batch; returns its index (the output index when it wants one)."""
+        index = self._size
+        batch = self._batch
+        batch.token[index] = token
+        batch.pos[index] = position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = sequence
+        batch.logits[index] = wants_output
+        self._size = index + 1
+        return index
+
+    def decode(self) -> None:
+        self._batch.n_tokens = self._size
+        status = lc.llama_decode(self.pointer, self._batch)
+        if status != 0:
+            raise LlamaError(f"llama_decode failed with status {status} for {self._size} tokens")
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def logits(self, index: int) -> np.ndarray:
+        """The output logits of batch entry ``index`` as a float32 view (valid until the next decode)."""
+        pointer = lc.llama_get_logits_ith(self.pointer, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def sequence_embedding(self, sequence: int) -> np.ndarray:
+        pointer = lc.llama_get_embeddings_seq(self.pointer, sequence)
+        if not pointer:
+            raise LlamaError(f"no pooled embedding for sequence {sequence}")
+        return np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).copy()
+
+    # -- KV memory -------------------------------------------------------------------------------
+
+    def forget(self, sequence: int, start: int = 0) -> None:
+        """Drop the cells of ``sequence`` from position ``start`` on."""
+        if not lc.llama_memory_seq_rm(self.memory, sequence, start, -1):
+            lc.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+            raise LlamaError(f"could not trim sequence {sequence} at {start}; it was cleared")
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        if self.pointer:
+            lc.llama_batch_free(self._batch)
+            lc.llama_free(self.pointer)
+            self.pointer = None

@@ -1,0 +1,172 @@
+"""OpenAI-style errors: one exception hierarchy, rendered by one set of handlers.
+
+Every non-2xx response, from a bad parameter to an unknown route to a crash, leaves as
+``{"error": {"message", "type", "param", "code"}}``. Internal exception text never reaches clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with everything needed to render it as the OpenAI API does."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class ServiceUnavailable(APIError):
+    """The server cannot take this request now; clients should retry after ``retry_after`` seconds."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class QueueFull(ServiceUnavailable):
+    code = "queue_full"
+
+
+class QueueTimeout(ServiceUnavailable):
+    code = "queue_timeout"
+
+
+class EngineFailure(APIError):
+    """The engine failed a request after admission; details are in the server log only."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequest:
+    """Name the first offending parameter the way OpenAI does (``messages[0].content``)."""
+    first = exc.errors()[0]
+    param = ""
+    for part in first["loc"]:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not _is_union_tag(part):
+            param += f".{part}" if param else part
+    if first["type"] == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
+    message = first["msg"].removeprefix("Value error, ")
+    if not param:
+        return InvalidRequest(message)
+    return InvalidRequest(f"Invalid value for '{param}': {message}", param=param)
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the union member it tried (``str``, ``list[str]``) in an error's location."""
+    return part in {"str", "int", "float", "bool", "none"} or "[" in part or "-" in part
+
+
+def render(error: APIError) -> Response:
+    response = jsonify(error.body())
+    response.status_code = error.status
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    return response
+
+
+_HTTP_ERRORS: dict[int, type[APIError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    415: UnsupportedMediaType,
+}
+
+
+def init_app(app: Flask) -> None:
+    """Route every error, including werkzeug's own and unexpected crashes, through ``render``."""
+
+    @app.errorhandler(APIError)
+    def _api_error(error: APIError) -> Response:
+        return render(error)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        cls = _HTTP_ERRORS.get(status)
+        if cls is None:
+            cls = InvalidRequest if 400 <= status < 500 else APIError
+        api_error = cls(error.description or error.name)
+        response = render(api_error)
+        response.status_code = status
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> Response:
+        log.error("unhandled error while serving a request", exc_info=error)
+        return render(APIError("The server had an error while processing your request."))

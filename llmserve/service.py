@@ -1,0 +1,106 @@
+"""The served model as the HTTP layer sees it: its engine, readiness, tokenizer and chat format.
+
+Created by the app factory, started in the gunicorn worker after fork (``gunicorn.conf.py``'s
+``post_worker_init``), never at import time or in the master: threads and model memory do not survive
+a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import cached_property
+from typing import TypeVar
+
+import gevent
+from flask import Flask, current_app
+
+from llmserve.chat_format import ChatFormatError, ChatFormatter, Message, select_template
+from llmserve.engine.engine import Engine, EngineState
+from llmserve.engine.llama_model import Vocabulary
+from llmserve.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from llmserve.model_files import resolve_model_path
+from llmserve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "llmserve.service"
+T = TypeVar("T")
+
+
+class ModelService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = Engine(
+            settings.model,
+            lambda: resolve_model_path(settings.model, settings.cache_dir),
+            queue_size=settings.queue_size,
+            queue_timeout=settings.queue_timeout,
+        )
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions[EXTENSION] = self
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    @property
+    def model_id(self) -> str:
+        return self.settings.model.id
+
+    def require_model(self, model_id: str) -> None:
+        if model_id != self.model_id:
+            raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The vocabulary of the loaded model; a 503 while the model is still loading."""
+        if self.engine.state is not EngineState.READY or self.engine.vocab is None:
+            raise ServiceUnavailable("The model is loading; retry shortly.", code="model_loading", retry_after=5)
+        return self.engine.vocab
+
+    def off_hub(self, function: Callable[..., T], *args: object) -> T:
+        """Run a CPU-bound llama.cpp call (tokenizing a long prompt) on a native thread, not the hub."""
+        return gevent.get_hub().threadpool.apply(function, args)
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        vocab = self.vocab
+        return self.off_hub(lambda: vocab.tokenize(text, add_special=add_special))
+
+    @cached_property
+    def _chat_formatter(self) -> ChatFormatter | None:
+        vocab = self.vocab  # a 503 while loading, and nothing is cached then
+        model = self.engine.model
+        assert model is not None
+        choice = select_template(
+            self.settings.model.chat_format,
+            model.metadata("tokenizer.chat_template"),
+            model.metadata("general.architecture"),
+        )
+        if choice is None:
+            return None
+        name, template = choice
+        log.info("model %s: chat format %s", self.model_id, name)
+        return ChatFormatter(
+            template, name=name, bos_token=vocab.special_text(vocab.bos), eos_token=vocab.special_text(vocab.eos)
+        )
+
+    def render_chat(self, messages: list[Message]) -> str:
+        formatter = self._chat_formatter
+        if formatter is None:
+            raise InvalidRequest(
+                f"The model `{self.model_id}` has no chat template; use /v1/completions or set chat_format.",
+                param="messages",
+            )
+        try:
+            return formatter.render(messages)
+        except ChatFormatError as exc:
+            raise InvalidRequest(str(exc), param="messages") from exc
+
+
+def current_service() -> ModelService:
+    service: ModelService = current_app.extensions[EXTENSION]
+    return service

@@ -1,0 +1,115 @@
+"""The one settings model, read by the CLI, gunicorn.conf.py and the app alike.
+
+Sources, strongest first: ``LLMSERVE_*`` environment variables (nested fields with ``__``, e.g.
+``LLMSERVE_MODEL__CONTEXT_LENGTH``), then the TOML file named by ``LLMSERVE_CONFIG``, then defaults.
+The CLI turns its options into those environment variables, so the gunicorn master and every worker
+see exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
+ENV_PREFIX = "LLMSERVE_"
+
+
+def _default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class ModelSettings(BaseModel):
+    """One GGUF model served by the engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field("gemma-3-270m", min_length=1, max_length=128, description="Model id clients send.")
+    path: Path | None = Field(None, description="GGUF file; empty serves the embedded Gemma 3 270M.")
+    chat_format: Literal["auto", "gguf", "gemma", "chatml"] = Field(
+        "auto", description="Chat turn format: the GGUF's template, or a named family format."
+    )
+    context_length: int = Field(4096, ge=128, le=1_048_576, description="Tokens per sequence (prompt+output).")
+    parallel: int = Field(8, ge=1, le=256, description="Sequence slots decoded together in one batch.")
+    threads: int = Field(default_factory=_default_threads, ge=1, le=1024, description="CPU threads for decode.")
+    batch_tokens: int = Field(512, ge=32, le=65_536, description="Most tokens in one engine step.")
+    gpu_layers: int = Field(0, ge=-1, le=10_000, description="Layers offloaded to a GPU (-1 all).")
+    embeddings: bool = Field(True, description="Serve /v1/embeddings from a second, pooled context.")
+    embedding_context: int = Field(2048, ge=64, le=65_536, description="Longest embedding input in tokens.")
+
+
+class Settings(BaseSettings):
+    """Server settings; every field bounded and described."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
+    port: int = Field(8000, ge=1, le=65_535, description="TCP port to bind.")
+    workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes; each loads the model.")
+    worker_connections: int = Field(1000, ge=10, le=100_000, description="Open connections per worker.")
+    graceful_timeout: int = Field(30, ge=1, le=3600, description="Seconds to finish requests on stop.")
+    state_dir: Path = Field(Path.home() / ".local" / "state" / "llmserve", description="Writable state (ledger, keys).")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "llmserve", description="Rebuildable files (the assembled embedded model)."
+    )
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=1 << 30, description="Largest request body.")
+    queue_size: int = Field(256, ge=0, le=100_000, description="Requests that may wait for a free slot.")
+    queue_timeout: float = Field(60.0, gt=0, le=3600, description="Seconds a request may wait for a slot.")
+    heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between SSE keep-alives.")
+    watchdog_timeout: float = Field(60.0, gt=0, le=3600, description="Engine stall that fails /healthz.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="The model to serve.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the TOML file, which load_settings passes as init values.
+        return env_settings, init_settings
+
+
+class SettingsError(Exception):
+    """Settings that cannot be used; the message names every bad value and where it came from."""
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _describe(error: dict[str, Any], config_file: Path | None) -> str:
+    location = [str(part) for part in error["loc"]]
+    env_name = ENV_PREFIX + "__".join(location).upper()
+    source = (
+        f"{env_name}"
+        if env_name in os.environ
+        else (f"{'.'.join(location)} in {config_file}" if config_file else env_name)
+    )
+    return f"  {source}: {error['msg']} (got {error.get('input')!r})"
+
+
+def load_settings(config_file: Path | None = None) -> Settings:
+    """Read settings from the TOML file (argument or LLMSERVE_CONFIG) and the environment."""
+    if config_file is None and os.environ.get(CONFIG_ENV_VAR):
+        config_file = Path(os.environ[CONFIG_ENV_VAR])
+    file_values = _read_toml(config_file) if config_file else {}
+    try:
+        return Settings(**file_values)
+    except ValidationError as exc:
+        lines = [_describe(dict(error), config_file) for error in exc.errors()]
+        raise SettingsError("invalid settings:\n" + "\n".join(lines)) from None

@@ -1,0 +1,11 @@
+"""Deciding which waiting job gets the next free sequence slot.
+
+Pure Python on purpose: no HTTP, no gevent, no llama.cpp. The engine thread owns an instance, asks it
+for the next job whenever a slot is free, and it is tested alone with a fake clock.
+"""
+
+from scheduler.clock import Clock, FakeClock, MonotonicClock
+from scheduler.drain import DrainRate
+from scheduler.fifo import FifoScheduler, QueueFullError
+
+__all__ = ["Clock", "DrainRate", "FakeClock", "FifoScheduler", "MonotonicClock", "QueueFullError"]

@@ -1,0 +1,92 @@
+"""Real servers for the integration tests: ``llmserve serve`` (gunicorn, gevent, the real model) on a
+free loopback port, waited on until /readyz says the model is warm."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+MODEL = "gemma-3-270m"
+STARTUP_TIMEOUT = 180.0
+LLMSERVE = str(Path(sys.executable).parent / "llmserve")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, **options: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", **options)  # type: ignore[arg-type]
+
+    def engine_stats(self) -> dict:
+        return httpx.get(f"{self.url}/readyz", timeout=5).json()["engine"]
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        return [int(pid) for pid in children.split()]
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def start_server(directory: Path, **settings: str) -> Server:
+    port = free_port()
+    log = directory / "server.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
+    env.update({"LLMSERVE_PORT": str(port), "LLMSERVE_STATE_DIR": str(directory / "state")})
+    env.update({f"LLMSERVE_{key.upper()}": value for key, value in settings.items()})
+    with log.open("wb") as output:
+        process = subprocess.Popen([LLMSERVE, "serve"], env=env, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    stop_server(server)
+    raise RuntimeError(f"server not ready within {STARTUP_TIMEOUT}s:\n{server.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("server"))
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> openai.OpenAI:
+    return server.client(max_retries=0, timeout=120)

@@ -1,0 +1,205 @@
+"""The official ``openai`` client against a real gunicorn-run server with the real model."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import MODEL, Server
+
+pytestmark = pytest.mark.slow
+
+# Gemma 3's end-of-generation tokens (<eos>, <end_of_turn>): banned to get exactly max_tokens tokens.
+NO_EOS = {"1": -100, "106": -100}
+
+
+def test_models_are_listed_and_retrieved(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion_counts_are_exact(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=7, temperature=0, logit_bias=NO_EOS
+    )
+    assert result.object == "text_completion"
+    assert result.choices[0].finish_reason == "length"
+    assert result.choices[0].text
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 7
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 7
+
+
+def test_streamed_completion_matches_the_unstreamed_one(client: openai.OpenAI) -> None:
+    request = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0, logit_bias=NO_EOS)
+    whole = client.completions.create(**request)  # type: ignore[call-overload]
+    chunks = list(
+        client.completions.create(**request, stream=True, stream_options={"include_usage": True})  # type: ignore[call-overload]
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_completion(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "developer", "content": "Be kind."},
+            {"role": "user", "content": "Another one?"},
+        ],
+        max_completion_tokens=8,
+        temperature=0,
+    )
+    assert result.object == "chat.completion"
+    assert result.choices[0].message.role == "assistant"
+    assert result.choices[0].finish_reason in ("stop", "length")
+    assert result.usage is not None and 0 < result.usage.completion_tokens <= 8
+
+
+def test_streamed_chat_starts_with_the_role_and_ends_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=10,
+        temperature=0,
+        logit_bias=NO_EOS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_n_choices_and_seeds(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model=MODEL, prompt=["Red", "Green"], n=2, max_tokens=4, temperature=0.9, seed=7, logit_bias=NO_EOS
+    )
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    assert result.choices[0].text == result.choices[1].text  # same prompt, same seed
+    again = client.completions.create(model=MODEL, prompt="Red", max_tokens=4, temperature=0.9, seed=7,
+                                      logit_bias=NO_EOS)
+    assert again.choices[0].text == result.choices[0].text
+
+
+def test_token_prompts_and_echo(client: openai.OpenAI) -> None:
+    result = client.completions.create(model=MODEL, prompt=[2, 818, 5279], max_tokens=3, temperature=0, echo=True)
+    assert result.choices[0].text.startswith("The")
+    assert result.usage is not None and result.usage.prompt_tokens == 3
+
+
+def test_chat_logprobs(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3, logit_bias=NO_EOS,
+    )
+    content = result.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 4
+    for entry in content:
+        assert entry.logprob <= 0
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.logprob  # greedy picks the most likely token
+    assert "".join(e.token for e in content) == result.choices[0].message.content
+
+
+def test_completion_logprobs_shape(client: openai.OpenAI) -> None:
+    result = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0, logprobs=2,
+                                       logit_bias=NO_EOS)
+    logprobs = result.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs or []) == len(logprobs.top_logprobs or []) == 3
+    assert logprobs.text_offset == [0, len(logprobs.tokens[0]), len(logprobs.tokens[0]) + len(logprobs.tokens[1])]
+
+
+def test_stop_sequences_spanning_tokens_are_cut_cleanly(client: openai.OpenAI) -> None:
+    request = dict(model=MODEL, prompt="A list of fruits: apple, banana,", max_tokens=16, temperature=0,
+                   logit_bias=NO_EOS)
+    probe = client.completions.create(**request, logprobs=0)  # type: ignore[call-overload]
+    tokens = probe.choices[0].logprobs.tokens
+    # A stop made of the end of token 3 and the start of token 4 spans a token boundary.
+    prefix = "".join(tokens[:3])
+    stop = tokens[2][-1] + tokens[3][:1]
+    expected = prefix[:-1] if prefix.find(stop) < 0 else prefix[: prefix.find(stop)]
+    cut = client.completions.create(**request, stop=[stop, "never-generated"])  # type: ignore[call-overload]
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == expected
+    streamed = client.completions.create(**request, stop=stop, stream=True)  # type: ignore[call-overload]
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_multibyte_text_is_never_split(client: openai.OpenAI) -> None:
+    request = dict(model=MODEL, prompt="日本の首都は東京です。大阪は", max_tokens=24, temperature=0, logit_bias=NO_EOS)
+    whole = client.completions.create(**request).choices[0].text  # type: ignore[call-overload]
+    pieces = [c.choices[0].text for c in client.completions.create(**request, stream=True)]  # type: ignore[call-overload]
+    assert "".join(pieces) == whole
+    assert "\ufffd" not in whole
+    assert any(ord(ch) > 127 for ch in whole)
+
+
+def test_embeddings_float_and_base64_agree(client: openai.OpenAI) -> None:
+    floats = client.embeddings.create(model=MODEL, input=["a red apple", "a green pear"])
+    assert [d.index for d in floats.data] == [0, 1]
+    first = floats.data[0].embedding
+    assert math.isclose(math.sqrt(sum(x * x for x in first)), 1.0, rel_tol=1e-4)
+    assert floats.usage.prompt_tokens > 0
+    raw = httpx.post(
+        f"{client.base_url}embeddings",
+        json={"model": MODEL, "input": "a red apple", "encoding_format": "base64"},
+        timeout=60,
+    ).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    decoded = struct.unpack(f"<{len(packed) // 4}f", packed)
+    assert len(decoded) == len(first)
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(decoded, first, strict=True))
+
+
+def test_embeddings_of_token_input(client: openai.OpenAI) -> None:
+    result = client.embeddings.create(model=MODEL, input=[[2, 818, 5279], [2, 818]])
+    assert len(result.data) == 2 and result.usage.prompt_tokens == 5
+
+
+def test_errors_surface_as_the_clients_own_exceptions(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.completions.create(model="no-such-model", prompt="hi")
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=MODEL, prompt=[818] * 5000, max_tokens=1)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.completions.create(model=MODEL, prompt="hi", extra_body={"frobnicate": True})
+    assert unknown.value.param == "frobnicate"
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=5000)
+    assert too_many.value.code == "context_length_exceeded"
+
+
+def test_unknown_routes_are_openai_errors(server: Server) -> None:
+    response = httpx.get(f"{server.url}/v2/whatever", timeout=5)
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_streaming_headers_stop_proxy_buffering(server: Server) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)

@@ -1,0 +1,76 @@
+"""Settings: sources, precedence, and messages that name the bad value and where it came from."""
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from llmserve.cli import main
+from llmserve.settings import SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("LLMSERVE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_serve_the_embedded_model_on_loopback() -> None:
+    settings = load_settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.model.path is None
+    assert settings.model.id == "gemma-3-270m"
+
+
+def test_environment_beats_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "llmserve.toml"
+    config.write_text('port = 9000\nworkers = 3\n[model]\nid = "from-file"\ncontext_length = 2048\n')
+    monkeypatch.setenv("LLMSERVE_CONFIG", str(config))
+    monkeypatch.setenv("LLMSERVE_PORT", "9100")
+    monkeypatch.setenv("LLMSERVE_MODEL__CONTEXT_LENGTH", "1024")
+    settings = load_settings()
+    assert settings.port == 9100
+    assert settings.workers == 3
+    assert settings.model.id == "from-file"
+    assert settings.model.context_length == 1024
+
+
+def test_each_bad_value_is_named_with_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "llmserve.toml"
+    config.write_text("[model]\nparallel = 0\n")
+    monkeypatch.setenv("LLMSERVE_PORT", "http")
+    with pytest.raises(SettingsError) as raised:
+        load_settings(config)
+    message = str(raised.value)
+    assert "LLMSERVE_PORT" in message and "'http'" in message
+    assert f"model.parallel in {config}" in message
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "llmserve.toml"
+    config.write_text("prot = 1\n")
+    with pytest.raises(SettingsError, match="prot"):
+        load_settings(config)
+
+
+def test_a_broken_file_is_reported(tmp_path: Path) -> None:
+    config = tmp_path / "llmserve.toml"
+    config.write_text("port = \n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(config)
+
+
+def test_cli_options_are_generated_from_the_settings() -> None:
+    result = CliRunner().invoke(main, ["config", "--port", "9200", "--model-parallel", "4"])
+    assert result.exit_code == 0, result.output
+    assert '"port": 9200' in result.output
+    assert '"parallel": 4' in result.output
+
+
+def test_cli_rejects_bad_values_before_starting_anything() -> None:
+    result = CliRunner().invoke(main, ["serve", "--model-context-length", "7"])
+    assert result.exit_code != 0
+    assert "LLMSERVE_MODEL__CONTEXT_LENGTH" in result.output
