@@ -60,14 +60,20 @@ BAD_CHATS = [
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0]"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages[0].content"),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages[0].content",
+    ),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 2},
-     None),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "max_completion_tokens": 2},
+        None,
+    ),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
-     "response_format.type"),
+    (
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        "response_format.type",
+    ),
 ]
 
 

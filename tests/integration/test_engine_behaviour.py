@@ -21,8 +21,13 @@ NO_EOS = {"1": -100, "106": -100}
 
 
 def long_stream_body(max_tokens: int) -> dict:
-    return {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": max_tokens, "stream": True,
-            "logit_bias": NO_EOS}
+    return {
+        "model": MODEL,
+        "prompt": "Tell me a story.",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "logit_bias": NO_EOS,
+    }
 
 
 def wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
