@@ -86,6 +86,14 @@ class UnsupportedMediaType(APIError):
     code = "unsupported_media_type"
 
 
+class ClientDisconnected(APIError):
+    """The client left before the response was ready; nobody reads this error, the log does."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class ServiceUnavailable(APIError):
     """The server cannot take this request now; clients should retry after ``retry_after`` seconds."""
 

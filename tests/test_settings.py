@@ -1,5 +1,7 @@
 """Settings: sources, precedence, and messages that name the bad value and where it came from."""
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,14 @@ from llmserve.settings import SettingsError, load_settings
 
 
 @pytest.fixture(autouse=True)
-def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("LLMSERVE_"):
-            monkeypatch.delenv(name)
+def clean_environment() -> Iterator[None]:
+    """No LLMSERVE_* variables in, and none left behind (the CLI exports its options)."""
+    saved = dict(os.environ)
+    for name in [name for name in os.environ if name.startswith("LLMSERVE_")]:
+        del os.environ[name]
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_defaults_serve_the_embedded_model_on_loopback() -> None:

@@ -17,6 +17,7 @@ from flask import Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from llmserve.api import sse
+from llmserve.api.disconnect import ClientWatch
 from llmserve.api.runner import Choice, GenerationRun, Update
 from llmserve.api.schemas import GenerationRequest
 from llmserve.engine.jobs import GenerationSpec, SamplingParams
@@ -127,7 +128,11 @@ def respond(
     """Run the choices on the engine, then answer with one JSON body or an SSE stream."""
     settings = service.settings
     run = GenerationRun(
-        service.engine, choices, heartbeat=settings.heartbeat_interval, admission_timeout=settings.queue_timeout + 5
+        service.engine,
+        choices,
+        heartbeat=settings.heartbeat_interval,
+        admission_timeout=settings.queue_timeout + 5,
+        client_gone=ClientWatch(request.environ).gone,
     )
     try:
         run.admit()

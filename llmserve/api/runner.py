@@ -9,7 +9,7 @@ error. After that, updates flow as tokens arrive; the caller turns them into JSO
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from llmserve.api.text import Delta, TextAssembler
@@ -25,7 +25,9 @@ from llmserve.engine.jobs import (
     Token,
 )
 from llmserve.engine.stream import EventStream
-from llmserve.errors import EngineFailure, QueueFull, QueueTimeout, ServiceUnavailable
+from llmserve.errors import ClientDisconnected, EngineFailure, QueueFull, QueueTimeout, ServiceUnavailable
+
+POLL_INTERVAL = 1.0  # seconds between checks that a silent client is still connected
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,18 @@ def _rejection(event: Rejected) -> ServiceUnavailable:
 class GenerationRun:
     """The jobs of one request. Always ``close`` it: unfinished jobs are cancelled there."""
 
-    def __init__(self, engine: Engine, choices: list[Choice], *, heartbeat: float, admission_timeout: float):
+    def __init__(
+        self,
+        engine: Engine,
+        choices: list[Choice],
+        *,
+        heartbeat: float,
+        admission_timeout: float,
+        client_gone: Callable[[], bool] = lambda: False,
+    ) -> None:
         assert engine.vocab is not None
         self._engine = engine
+        self._client_gone = client_gone
         self._stream = EventStream()
         self._heartbeat = heartbeat
         self._admission_timeout = admission_timeout
@@ -90,7 +101,7 @@ class GenerationRun:
         waiting = set(range(len(self._jobs)))
         deadline = time.monotonic() + self._admission_timeout
         while waiting:
-            item = self._stream.get(max(0.0, deadline - time.monotonic()))
+            item = self._next(deadline - time.monotonic())
             if item is None:
                 raise QueueTimeout("The request waited too long for a free slot; retry later.", retry_after=1)
             tag, event = item
@@ -108,7 +119,7 @@ class GenerationRun:
         pending = self._early
         self._early = []
         while self._open:
-            item = pending.pop(0) if pending else self._stream.get(self._heartbeat)
+            item = pending.pop(0) if pending else self._next(self._heartbeat)
             if item is None:
                 yield None
                 continue
@@ -118,6 +129,18 @@ class GenerationRun:
             update = self._apply(tag, event)
             if update is not None:
                 yield update
+
+    def _next(self, timeout: float) -> tuple[int, object] | None:
+        """The next event, or None after ``timeout`` quiet seconds; raises if the client left meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            item = self._stream.get(max(0.0, min(POLL_INTERVAL, deadline - time.monotonic())))
+            if item is not None:
+                return item
+            if self._client_gone():
+                raise ClientDisconnected("The client closed the connection.")
+            if time.monotonic() >= deadline:
+                return None
 
     def _apply(self, tag: int, event: object) -> Update | None:
         text = self._texts[tag]

@@ -84,6 +84,14 @@ def test_a_client_that_disconnects_frees_its_slot(server: Server) -> None:
     assert wait_for(lambda: server.engine_stats()["slots_busy"] == 0, timeout=5)
 
 
+def test_a_non_streaming_client_that_leaves_frees_its_slot(server: Server) -> None:
+    body = {**long_stream_body(3000), "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.5))
+    # 3000 tokens take a minute; a slot free within seconds means the generation was cancelled.
+    assert wait_for(lambda: server.engine_stats()["slots_busy"] == 0, timeout=5)
+
+
 @pytest.fixture(scope="module")
 def one_slot_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(
