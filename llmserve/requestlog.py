@@ -16,6 +16,8 @@ from flask import Flask, Response, g, request
 log = logging.getLogger("llmserve.requests")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# Probes arrive every few seconds from every balancer and kubelet; their lines would drown the rest.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -34,10 +36,13 @@ def init_app(app: Flask) -> None:
         status = response.status_code
         request_globals = g._get_current_object()  # outlives the request context
 
+        level = logging.DEBUG if path in PROBE_PATHS and status < 400 else logging.INFO
+
         def _log_line() -> None:
             usage = request_globals.get("usage")
             tokens = f"{usage.prompt_tokens}/{usage.completion_tokens}" if usage is not None else "-"
-            log.info(
+            log.log(
+                level,
                 "request %s: %s %s -> %d tokens=%s seconds=%.3f",
                 request_id,
                 method,

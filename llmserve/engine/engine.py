@@ -34,7 +34,7 @@ from llmserve.engine.jobs import (
     Token,
 )
 from llmserve.engine.llama_model import LlamaContext, LlamaModel, Vocabulary
-from llmserve.engine.sampling import Sampler, token_logprob
+from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
 from llmserve.engine.stats import EngineStats, StatsRecorder
 from llmserve.settings import ModelSettings
 from scheduler import DrainRate, FifoScheduler, MonotonicClock, QueueFullError
@@ -69,7 +69,8 @@ class Slot:
     prefilled: int = 0
     generated: int = 0
     next_token: int = -1
-    output_index: int = -1
+    output_index: int = -1  # batch entry whose logits this slot samples from, -1 if none this step
+    output_row: int = -1  # that entry's row among the step's outputs
 
     @property
     def prefilling(self) -> bool:
@@ -284,7 +285,7 @@ class Engine:
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
             assert self.vocab is not None
-            slot.sampler = Sampler(spec.sampling, self.vocab.size)
+            slot.sampler = None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
             self._stats.cached_prompt_tokens += reuse
             job.sink.push(Admitted(cached_tokens=reuse))
 
@@ -294,6 +295,7 @@ class Engine:
         for slot in active:
             slot.output_index = -1
             if not slot.prefilling:
+                slot.output_row = context.outputs
                 slot.output_index = context.add(slot.next_token, len(slot.cached), slot.index, True)
                 slot.cached.append(slot.next_token)
         budget = context.capacity - context.batch_size
@@ -305,6 +307,8 @@ class Engine:
             assert slot.spec is not None
             prompt = slot.spec.prompt
             chunk_end = min(len(prompt), slot.prefilled + budget)
+            if chunk_end == len(prompt):
+                slot.output_row = context.outputs  # only the chunk's last token asks for logits
             for position in range(slot.prefilled, chunk_end):
                 index = context.add(prompt[position], position, slot.index, position == len(prompt) - 1)
             slot.cached.extend(prompt[slot.prefilled : chunk_end])
@@ -315,18 +319,22 @@ class Engine:
                 slot.output_index = index
         started = time.perf_counter()
         context.decode()
+        logits = context.logits()
         for slot in active:
             if slot.output_index >= 0:
-                self._sample(context, slot)
+                self._sample(context, logits[slot.output_row], slot)
         self._stats.record_step(time.perf_counter() - started, context.batch_size)
 
-    def _sample(self, context: LlamaContext, slot: Slot) -> None:
-        assert slot.job is not None and slot.spec is not None and slot.sampler is not None
+    def _sample(self, context: LlamaContext, logits: np.ndarray, slot: Slot) -> None:
+        assert slot.job is not None and slot.spec is not None
         assert self.vocab is not None
-        token = slot.sampler.sample(context.pointer, slot.output_index)
+        if slot.sampler is None:
+            token = greedy_token(logits, slot.spec.sampling.logit_bias)
+        else:
+            token = slot.sampler.sample(context.pointer, slot.output_index)
         logprob = None
         if slot.spec.top_logprobs is not None:
-            logprob = token_logprob(context.logits(slot.output_index), token, slot.spec.top_logprobs)
+            logprob = token_logprob(logits, token, slot.spec.top_logprobs)
         slot.generated += 1
         slot.next_token = token
         self._stats.generated_tokens += 1

@@ -32,6 +32,16 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
 
+    @property
+    def greedy(self) -> bool:
+        """Pure argmax: no randomness and no history-dependent penalties."""
+        return (
+            self.temperature == 0
+            and self.repeat_penalty == 1.0
+            and not self.frequency_penalty
+            and not self.presence_penalty
+        )
+
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")

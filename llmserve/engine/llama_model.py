@@ -150,11 +150,13 @@ class LlamaContext:
         self.memory = lc.llama_get_memory(self.pointer)
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
         self._size = 0
+        self.outputs = 0  # entries of the batch that want logits; their rows follow batch order
 
     # -- batch building -------------------------------------------------------------------------
 
     def clear_batch(self) -> None:
         self._size = 0
+        self.outputs = 0
 
     @property
     def batch_size(self) -> int:
@@ -170,6 +172,7 @@ class LlamaContext:
         batch.seq_id[index][0] = sequence
         batch.logits[index] = wants_output
         self._size = index + 1
+        self.outputs += wants_output
         return index
 
     def decode(self) -> None:
@@ -180,10 +183,11 @@ class LlamaContext:
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def logits(self, index: int) -> np.ndarray:
-        """The output logits of batch entry ``index`` as a float32 view (valid until the next decode)."""
-        pointer = lc.llama_get_logits_ith(self.pointer, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+    def logits(self) -> np.ndarray:
+        """Logits of every output of the last decode, one row each in batch order (a view, valid until
+        the next decode)."""
+        pointer = lc.llama_get_logits(self.pointer)
+        return np.ctypeslib.as_array(pointer, shape=(self.outputs, self.n_vocab))
 
     def sequence_embedding(self, sequence: int) -> np.ndarray:
         pointer = lc.llama_get_embeddings_seq(self.pointer, sequence)
