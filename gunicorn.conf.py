@@ -6,6 +6,7 @@ and GPU contexts do not survive a fork.
 
 from __future__ import annotations
 
+import logging.config
 import sys
 
 from llmserve.logs import logging_config
@@ -26,7 +27,10 @@ timeout = 30
 graceful_timeout = _settings.graceful_timeout
 keepalive = 75
 preload_app = False
-logconfig_dict = logging_config(_settings)
+# Configured directly rather than through gunicorn's logconfig_dict: with that set, gunicorn formats an
+# access-log line for every request (probes included) even when nothing logs it. The app writes its
+# own request lines.
+logging.config.dictConfig(logging_config(_settings))
 accesslog = None
 proc_name = "llmserve"
 # Managed through signals (systemd, Kubernetes); a shared default socket path would let one instance's

@@ -10,7 +10,7 @@ FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
 def logging_config(settings: Settings) -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` dict; gunicorn takes it as ``logconfig_dict``."""
+    """A ``logging.config.dictConfig`` dict for the master and (inherited through fork) the workers."""
     level = settings.log_level.upper()
     handler = {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
     return {
@@ -19,8 +19,4 @@ def logging_config(settings: Settings) -> dict[str, Any]:
         "formatters": {"plain": {"format": FORMAT}},
         "handlers": {"stderr": handler},
         "root": {"level": level, "handlers": ["stderr"]},
-        "loggers": {
-            "gunicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
-            "gunicorn.access": {"level": "WARNING", "handlers": ["stderr"], "propagate": False},
-        },
     }

@@ -280,8 +280,7 @@ class Engine:
             # Reuse the longest cached prefix; the last prompt token is always decoded again for logits.
             slot = max(free, key=lambda s: _common_prefix(s.cached, spec.prompt))
             free.remove(slot)
-            reuse = min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1)
-            context.forget(slot.index, reuse)
+            reuse = context.forget(slot.index, min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
             assert self.vocab is not None

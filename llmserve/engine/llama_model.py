@@ -197,11 +197,16 @@ class LlamaContext:
 
     # -- KV memory -------------------------------------------------------------------------------
 
-    def forget(self, sequence: int, start: int = 0) -> None:
-        """Drop the cells of ``sequence`` from position ``start`` on."""
-        if not lc.llama_memory_seq_rm(self.memory, sequence, start, -1):
-            lc.llama_memory_seq_rm(self.memory, sequence, -1, -1)
-            raise LlamaError(f"could not trim sequence {sequence} at {start}; it was cleared")
+    def forget(self, sequence: int, start: int = 0) -> int:
+        """Drop the cells of ``sequence`` from position ``start`` on; returns how many cells it keeps.
+
+        Some caches (a sliding-window cache that has evicted old cells) cannot be trimmed in the middle;
+        then the whole sequence is dropped and 0 is returned.
+        """
+        if start > 0 and lc.llama_memory_seq_rm(self.memory, sequence, start, -1):
+            return start
+        lc.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+        return 0
 
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)
