@@ -82,6 +82,7 @@ class GenerationRun:
         assert engine.vocab is not None
         self._engine = engine
         self._client_gone = client_gone
+        self._client_check_at = time.monotonic() + POLL_INTERVAL
         self._stream = EventStream()
         self._heartbeat = heartbeat
         self._admission_timeout = admission_timeout
@@ -131,14 +132,18 @@ class GenerationRun:
                 yield update
 
     def _next(self, timeout: float) -> tuple[int, object] | None:
-        """The next event, or None after ``timeout`` quiet seconds; raises if the client left meanwhile."""
+        """The next event, or None after ``timeout`` quiet seconds; raises once the client has left
+        (checked every POLL_INTERVAL, whether or not events are flowing)."""
         deadline = time.monotonic() + timeout
         while True:
-            item = self._stream.get(max(0.0, min(POLL_INTERVAL, deadline - time.monotonic())))
+            now = time.monotonic()
+            if now >= self._client_check_at:
+                self._client_check_at = now + POLL_INTERVAL
+                if self._client_gone():
+                    raise ClientDisconnected("The client closed the connection.")
+            item = self._stream.get(max(0.0, min(self._client_check_at, deadline) - now))
             if item is not None:
                 return item
-            if self._client_gone():
-                raise ClientDisconnected("The client closed the connection.")
             if time.monotonic() >= deadline:
                 return None
 

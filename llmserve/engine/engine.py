@@ -47,6 +47,9 @@ _native_lock = monkey.get_original("_thread", "allocate_lock")
 _native_thread_id = monkey.get_original("_thread", "get_native_id")
 
 IDLE_WAIT = 0.5  # seconds the idle engine sleeps on its inbox before it reports liveness again
+# Copying another slot's KV cells copies that slot's whole cache stream; below this many shared tokens
+# recomputing them is cheaper.
+MIN_SHARED_PREFIX = 64
 
 
 class EngineState(StrEnum):
@@ -71,6 +74,13 @@ class Slot:
     next_token: int = -1
     output_index: int = -1  # batch entry whose logits this slot samples from, -1 if none this step
     output_row: int = -1  # that entry's row among the step's outputs
+    donor: Slot | None = None  # a slot computing our prompt's prefix, to be copied when it has
+    shared: int = 0  # how much of our prompt the donor will hold
+
+    @property
+    def computing(self) -> bool:
+        """Feeding its own prompt or generating (not waiting for a donor)."""
+        return self.job is not None and self.donor is None
 
     @property
     def prefilling(self) -> bool:
@@ -221,7 +231,7 @@ class Engine:
             self._admit(context)
             if self._embed_queue and embedder is not None:
                 self._embed_next(embedder)
-            if any(slot.job is not None for slot in self._slots):
+            if any(slot.computing for slot in self._slots):
                 self._step(context)
             busy = [slot for slot in self._slots if slot.job is not None]
             self._stats.publish(
@@ -270,6 +280,7 @@ class Engine:
                 self._retire(slot, FinishReason.CANCELLED)
 
     def _admit(self, context: LlamaContext) -> None:
+        self._resolve_donors(context)
         free = [slot for slot in self._slots if slot.job is None]
         while free:
             job = self._scheduler.next()
@@ -285,12 +296,53 @@ class Engine:
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
             assert self.vocab is not None
             slot.sampler = None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
-            self._stats.cached_prompt_tokens += reuse
-            job.sink.push(Admitted(cached_tokens=reuse))
+            donor, shared = self._best_donor(slot)
+            if shared >= reuse + MIN_SHARED_PREFIX:
+                slot.donor, slot.shared = donor, shared
+                self._resolve_donors(context)
+            else:
+                self._stats.cached_prompt_tokens += reuse
+                job.sink.push(Admitted(cached_tokens=reuse))
+
+    def _best_donor(self, slot: Slot) -> tuple[Slot | None, int]:
+        """The other slot that holds, or is computing, the longest prefix of ``slot``'s prompt.
+
+        ``n`` choices of one request, and requests with one long system prompt, then compute their
+        common prefix once: the other slots copy its KV cells instead of decoding it again.
+        """
+        assert slot.spec is not None
+        prompt = slot.spec.prompt
+        best: tuple[Slot | None, int] = (None, 0)
+        for other in self._slots:
+            if other is slot or other.donor is not None:
+                continue
+            source = other.spec.prompt if other.spec is not None and other.prefilling else other.cached
+            shared = min(_common_prefix(list(source), prompt), len(prompt) - 1)
+            if shared > best[1]:
+                best = (other, shared)
+        return best
+
+    def _resolve_donors(self, context: LlamaContext) -> None:
+        """Copy the prefix into slots whose donor has computed it (or stopped trying), and admit them."""
+        for slot in self._slots:
+            donor = slot.donor
+            if donor is None or slot.spec is None:
+                continue
+            available = min(_common_prefix(donor.cached, slot.spec.prompt), slot.shared)
+            if available < slot.shared and donor.spec is not None and donor.prefilling:
+                continue  # the donor is still computing it
+            if available > slot.prefilled:
+                context.copy_sequence(donor.index, slot.index, available)
+                slot.cached[:] = donor.cached[:available]
+                slot.prefilled = available
+            slot.donor = None
+            self._stats.cached_prompt_tokens += slot.prefilled
+            assert slot.job is not None
+            slot.job.sink.push(Admitted(cached_tokens=slot.prefilled))
 
     def _step(self, context: LlamaContext) -> None:
         context.clear_batch()
-        active = [slot for slot in self._slots if slot.job is not None]
+        active = [slot for slot in self._slots if slot.computing]
         for slot in active:
             slot.output_index = -1
             if not slot.prefilling:
@@ -323,6 +375,7 @@ class Engine:
             if slot.output_index >= 0:
                 self._sample(context, logits[slot.output_row], slot)
         self._stats.record_step(time.perf_counter() - started, context.batch_size)
+        self._resolve_donors(context)
 
     def _sample(self, context: LlamaContext, logits: np.ndarray, slot: Slot) -> None:
         assert slot.job is not None and slot.spec is not None
@@ -351,7 +404,7 @@ class Engine:
         self._drain.record_finished()
         if slot.sampler is not None:
             slot.sampler.close()
-        slot.job, slot.spec, slot.sampler, slot.output_index = None, None, None, -1
+        slot.job, slot.spec, slot.sampler, slot.output_index, slot.donor = None, None, None, -1, None
 
     def _embed_next(self, embedder: Embedder) -> None:
         """One embedding decode for the oldest embedding job; a job of many inputs takes several turns."""

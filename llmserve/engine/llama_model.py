@@ -137,6 +137,9 @@ class LlamaContext:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.kv_unified = unified_kv
+        # A full-size sliding-window cache keeps every cell, so a sequence can be trimmed at any
+        # position (prefix reuse) and copied (prefix sharing); a window-sized one evicts old cells.
+        params.swa_full = True
         params.no_perf = True
         if embeddings:
             params.embeddings = True
@@ -207,6 +210,17 @@ class LlamaContext:
             return start
         lc.llama_memory_seq_rm(self.memory, sequence, -1, -1)
         return 0
+
+    def copy_sequence(self, source: int, target: int, length: int) -> None:
+        """Make ``target`` hold the first ``length`` cells of ``source``.
+
+        Sequences of a split cache live in separate streams, which llama.cpp copies whole (the data at
+        the start of the next decode); the cells past ``length`` are then dropped from the target.
+        """
+        lc.llama_memory_seq_rm(self.memory, target, -1, -1)
+        lc.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        if not lc.llama_memory_seq_rm(self.memory, target, length, -1):
+            raise LlamaError(f"could not trim the copy of sequence {source} to {length} cells")
 
     def clear(self) -> None:
         lc.llama_memory_clear(self.memory, True)

@@ -50,36 +50,40 @@ def run_together(jobs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
 
 
 def test_eight_concurrent_streams_keep_their_own_parameters(client: openai.OpenAI) -> None:
-    greedy = dict(model=MODEL, temperature=0, max_tokens=24, logit_bias=NO_EOS)
+    """Greedy streams must match the same request run alone. llama.cpp's CPU kernels do not give
+    bit-identical logits for a sequence decoded alone and in a batch (the matrix kernels change with
+    the batch's shape), so near-ties may break differently; these prompts have continuations the model
+    is sure of, and any mix-up of sequences or parameters inside a batch still shows at once."""
+    greedy = dict(model=MODEL, temperature=0, max_tokens=16, logit_bias=NO_EOS)
     prompts = {
-        "story": "Once upon a time, in a small village,",
-        "recipe": "To bake bread you need flour, water,",
-        "code": "def fibonacci(n):\n",
-        "list": "The planets of the solar system are",
+        "numbers": "1, 2, 3, 4, 5, 6, 7, 8,",
+        "letters": "A, B, C, D, E, F,",
+        "months": "January, February, March, April,",
+        "tens": "10, 20, 30, 40, 50,",
     }
     alone = {name: stream_text(client, {**greedy, "prompt": p})[0] for name, p in prompts.items()}
-    stop = alone["story"][8:12]  # a stop sequence that the story reaches mid-way
+    stop = " July"  # reached mid-way by the months
 
     jobs: dict[str, Callable[[], Any]] = {
         name: (lambda p=p: stream_text(client, {**greedy, "prompt": p})) for name, p in prompts.items()
     }
-    jobs["stopped"] = lambda: stream_text(client, {**greedy, "prompt": prompts["story"], "stop": [stop]})
-    jobs["short"] = lambda: stream_text(client, {**greedy, "prompt": prompts["recipe"], "max_tokens": 3})
+    jobs["stopped"] = lambda: stream_text(client, {**greedy, "prompt": prompts["months"], "stop": [stop]})
+    jobs["short"] = lambda: stream_text(client, {**greedy, "prompt": prompts["letters"], "max_tokens": 3})
     jobs["sampled"] = lambda: stream_text(
-        client, {**greedy, "prompt": prompts["code"], "temperature": 1.2, "top_k": 50, "seed": 3}
+        client, {**greedy, "prompt": prompts["tens"], "temperature": 1.5, "seed": 3, "extra_body": {"top_k": 200}}
     )
     jobs["penalised"] = lambda: stream_text(
-        client, {**greedy, "prompt": prompts["list"], "presence_penalty": 2.0, "frequency_penalty": 2.0}
+        client, {**greedy, "prompt": prompts["numbers"], "presence_penalty": 2.0, "frequency_penalty": 2.0}
     )
     results = run_together(jobs)
 
     for name in prompts:
         text, reason, tokens = results[name]
-        assert (text, reason, tokens) == (alone[name], "length", 24), name
+        assert (text, reason, tokens) == (alone[name], "length", 16), name
     text, reason, _ = results["stopped"]
     assert reason == "stop"
-    assert text == alone["story"][: alone["story"].index(stop)]
+    assert text == alone["months"][: alone["months"].index(stop)]
     assert results["short"][1:] == ("length", 3)
-    assert alone["recipe"].startswith(results["short"][0])
-    assert results["sampled"][2] == 24 and results["sampled"][0] != alone["code"]
-    assert results["penalised"][2] == 24 and results["penalised"][0] != alone["list"]
+    assert alone["letters"].startswith(results["short"][0])
+    assert results["sampled"][2] == 16 and results["sampled"][0] != alone["tens"]
+    assert results["penalised"][2] == 16 and results["penalised"][0] != alone["numbers"]

@@ -141,3 +141,26 @@ def test_embeddings_can_be_switched_off(one_slot_server: Server) -> None:
     response = httpx.post(f"{one_slot_server.url}/v1/embeddings", json={"model": MODEL, "input": "x"}, timeout=30)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "model"
+
+
+def test_n_choices_compute_their_shared_prompt_once(server: Server, client: openai.OpenAI) -> None:
+    prompt = "A report on the lighthouses of the northern coast, volume seven. " * 16
+    before = server.engine_stats()["prompt_tokens"]
+    result = client.completions.create(model=MODEL, prompt=prompt, n=3, max_tokens=4, temperature=0, logit_bias=NO_EOS)
+    computed = server.engine_stats()["prompt_tokens"] - before
+    assert result.usage is not None and result.usage.prompt_tokens_details is not None
+    length = result.usage.prompt_tokens // 3
+    assert length > 64
+    assert computed < 2 * length  # one prefill, two copies (each re-decodes only the last token)
+    assert result.usage.prompt_tokens_details.cached_tokens >= 2 * (length - 1)
+    assert len({choice.text for choice in result.choices}) == 1
+
+
+def test_a_follow_up_request_reuses_the_cached_conversation(client: openai.OpenAI) -> None:
+    first = "User: tell me about the harbour of the old town and its boats.\nAssistant:" * 4
+    answer = client.completions.create(model=MODEL, prompt=first, max_tokens=8, temperature=0)
+    follow_up = first + answer.choices[0].text + "\nUser: and the fishermen?\nAssistant:"
+    result = client.completions.create(model=MODEL, prompt=follow_up, max_tokens=4, temperature=0)
+    assert result.usage is not None and result.usage.prompt_tokens_details is not None
+    assert answer.usage is not None
+    assert result.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens - 1
