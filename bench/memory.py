@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         health_path="/healthz",
     )
     with ManagedServer(spec) as server:
-        server.start()
         server.wait_ready(timeout_s=180)
         assert server.pgid is not None
         started = group_rss_bytes(server.pgid)

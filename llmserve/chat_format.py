@@ -26,6 +26,7 @@ GEMMA_TEMPLATE = (
     "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message.content | trim"
     " + '<end_of_turn>\n' }}"
     "{%- endfor -%}"
+    "{%- if not turns and prefix -%}{{ '<start_of_turn>user\n' + prefix | trim + '<end_of_turn>\n' }}{%- endif -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 

@@ -52,12 +52,6 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
-class Unauthorized(APIError):
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
-
-
 class NotFound(APIError):
     status = 404
     type = "invalid_request_error"

@@ -18,7 +18,7 @@ from flask import Flask, current_app
 from llmserve.chat_format import ChatFormatError, ChatFormatter, Message, select_template
 from llmserve.engine.engine import Engine, EngineState
 from llmserve.engine.llama_model import Vocabulary
-from llmserve.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from llmserve.errors import APIError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from llmserve.model_files import resolve_model_path
 from llmserve.settings import Settings
 
@@ -89,7 +89,13 @@ class ModelService:
         )
 
     def render_chat(self, messages: list[Message]) -> str:
-        formatter = self._chat_formatter
+        try:
+            formatter = self._chat_formatter
+        except ChatFormatError:
+            log.error(
+                "model %s: no usable chat template for chat_format=%s", self.model_id, self.settings.model.chat_format
+            )
+            raise APIError("This server's chat format is misconfigured; see its log.") from None
         if formatter is None:
             raise InvalidRequest(
                 f"The model `{self.model_id}` has no chat template; use /v1/completions or set chat_format.",

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
@@ -42,6 +42,15 @@ class ModelSettings(BaseModel):
     embeddings: bool = Field(True, description="Serve /v1/embeddings from a second, pooled context.")
     embedding_context: int = Field(2048, ge=64, le=65_536, description="Longest embedding input in tokens.")
 
+    @model_validator(mode="after")
+    def _every_slot_fits_a_step(self) -> ModelSettings:
+        if self.batch_tokens < self.parallel:
+            raise ValueError(
+                f"batch_tokens ({self.batch_tokens}) must be at least parallel ({self.parallel}): "
+                "each step decodes one token of every slot"
+            )
+        return self
+
 
 class Settings(BaseSettings):
     """Server settings; every field bounded and described."""
@@ -53,7 +62,6 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes; each loads the model.")
     worker_connections: int = Field(1000, ge=10, le=100_000, description="Open connections per worker.")
     graceful_timeout: int = Field(30, ge=1, le=3600, description="Seconds to finish requests on stop.")
-    state_dir: Path = Field(Path.home() / ".local" / "state" / "llmserve", description="Writable state (ledger, keys).")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "llmserve", description="Rebuildable files (the assembled embedded model)."
     )

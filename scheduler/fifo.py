@@ -22,7 +22,6 @@ class QueueFullError(Exception):
 @dataclass(frozen=True)
 class _Entry(Generic[J]):
     job: J
-    enqueued_at: float
     deadline: float
 
 
@@ -45,8 +44,7 @@ class FifoScheduler(Generic[J]):
             raise ValueError(f"job {job!r} is already queued")
         if len(self._entries) >= self._max_queued:
             raise QueueFullError(f"{len(self._entries)} jobs are already waiting")
-        now = self._clock.now()
-        self._entries[job] = _Entry(job, now, now + timeout)
+        self._entries[job] = _Entry(job, self._clock.now() + timeout)
 
     def next(self) -> J | None:
         """The job that should take the free slot now, removed from the queue."""
@@ -66,10 +64,6 @@ class FifoScheduler(Generic[J]):
         for job in late:
             del self._entries[job]
         return late
-
-    def waited(self, job: J) -> float:
-        """Seconds ``job`` has been queued so far."""
-        return self._clock.now() - self._entries[job].enqueued_at
 
     def jobs(self) -> list[J]:
         return list(self._entries)

@@ -13,7 +13,7 @@ from llmserve.settings import Settings
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[Flask]:
-    yield create_app(Settings(state_dir=tmp_path / "state", cache_dir=tmp_path / "cache"))
+    yield create_app(Settings(cache_dir=tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": "hi", "stop": 5}, "stop", None),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"abc": 1}}, "logit_bias", None),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias", None),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"²": 1}}, "logit_bias", None),
     ({"model": MODEL, "prompt": "hi", "logprobs": 6}, "logprobs", None),
     ({"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix", None),
     ({"model": MODEL, "prompt": "hi", "best_of": 3}, "best_of", None),

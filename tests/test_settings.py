@@ -53,6 +53,13 @@ def test_each_bad_value_is_named_with_its_source(tmp_path: Path, monkeypatch: py
     assert f"model.parallel in {config}" in message
 
 
+def test_a_step_must_fit_one_token_of_every_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSERVE_MODEL__PARALLEL", "64")
+    monkeypatch.setenv("LLMSERVE_MODEL__BATCH_TOKENS", "32")
+    with pytest.raises(SettingsError, match="batch_tokens"):
+        load_settings()
+
+
 def test_unknown_keys_in_the_file_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "llmserve.toml"
     config.write_text("prot = 1\n")

@@ -8,7 +8,7 @@ import numpy as np
 from flask import Blueprint, Response, g, jsonify
 
 from llmserve.api.request import parse_body
-from llmserve.api.runner import Usage
+from llmserve.api.runner import Usage, rejection_error
 from llmserve.api.schemas import EmbeddingRequest
 from llmserve.engine.jobs import Embeddings, EmbeddingSpec, Finished, FinishReason, Job, Rejected
 from llmserve.engine.stream import EventStream
@@ -74,7 +74,7 @@ def _run(service, spec: EmbeddingSpec) -> tuple[np.ndarray, ...]:
             if isinstance(event, Embeddings):
                 vectors = event.vectors
             elif isinstance(event, Rejected):
-                raise QueueTimeout("The server cannot take this request now; retry later.", retry_after=1)
+                raise rejection_error(event)
             elif isinstance(event, Finished):
                 if event.reason is not FinishReason.STOP or vectors is None:
                     raise EngineFailure("The engine could not compute these embeddings.")

@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from flask import Response, g, jsonify, request
@@ -90,14 +91,24 @@ def build_choices(
     default_max_tokens: int | None,
     top_logprobs: int | None,
 ) -> list[Choice]:
-    """One choice per prompt and per ``n``, indexed as the OpenAI API does (prompt-major)."""
+    """One choice per prompt and per ``n``, indexed as the OpenAI API does (prompt-major). Choices of one
+    prompt get consecutive seeds, so a seeded request with ``n`` > 1 still gets different choices."""
+    slots = service.settings.model.parallel
+    if len(prompts) * body.n > slots:
+        raise InvalidRequest(
+            f"This request asks for {len(prompts) * body.n} generations at once (prompts x n); this server "
+            f"decodes at most {slots} together.",
+            param="n" if body.n > 1 else "prompt",
+        )
     sampling = sampling_params(body, service.vocab.size)
     context_length = service.settings.model.context_length
     choices: list[Choice] = []
-    for prompt in prompts:
+    for prompt_index, prompt in enumerate(prompts):
         budget = output_budget(len(prompt), requested, context_length, default_max_tokens)
-        spec = GenerationSpec(prompt, budget, sampling, top_logprobs)
-        choices.extend(Choice(len(choices), spec, body.stop_sequences) for _ in range(body.n))
+        for offset in range(body.n):
+            seed = None if sampling.seed is None else sampling.seed + offset
+            spec = GenerationSpec(prompt, budget, replace(sampling, seed=seed), top_logprobs)
+            choices.append(Choice(len(choices), spec, body.stop_sequences, prompt_index))
     return choices
 
 

@@ -20,6 +20,7 @@ from llmserve.engine.jobs import (
     FinishReason,
     GenerationSpec,
     Job,
+    PrefixCopied,
     Rejected,
     RejectReason,
     Token,
@@ -35,6 +36,7 @@ class Choice:
     index: int
     spec: GenerationSpec
     stop: tuple[str, ...]
+    prompt_index: int = 0  # choices of the same prompt (``n`` > 1) share it, and count it once
 
 
 @dataclass
@@ -59,11 +61,15 @@ class Usage:
         }
 
 
-def _rejection(event: Rejected) -> ServiceUnavailable:
+def rejection_error(event: Rejected) -> ServiceUnavailable:
     if event.reason is RejectReason.QUEUE_FULL:
         return QueueFull("All slots are busy and the queue is full; retry later.", retry_after=event.retry_after)
     if event.reason is RejectReason.QUEUE_TIMEOUT:
         return QueueTimeout("The request waited too long for a free slot; retry later.", retry_after=event.retry_after)
+    return _shutting_down()
+
+
+def _shutting_down() -> ServiceUnavailable:
     return ServiceUnavailable("The server is shutting down; retry on another instance.", retry_after=1)
 
 
@@ -91,9 +97,10 @@ class GenerationRun:
         self._texts = [TextAssembler(engine.vocab.piece, choice.stop) for choice in choices]
         self._open = set(range(len(choices)))
         self._early: list[tuple[int, object]] = []
-        self.usage = Usage(prompt_tokens=sum(len(c.spec.prompt) for c in choices))
+        self._cached = [0] * len(choices)
+        prompts = {choice.prompt_index: len(choice.spec.prompt) for choice in choices}
+        self.usage = Usage(prompt_tokens=sum(prompts.values()))
         self.finish_reasons: dict[int, str] = {}
-        self.admitted_at: float | None = None
 
     def admit(self) -> None:
         """Submit every job and wait until all hold a slot; raise a 503 error if any is refused."""
@@ -107,13 +114,23 @@ class GenerationRun:
                 raise QueueTimeout("The request waited too long for a free slot; retry later.", retry_after=1)
             tag, event = item
             if isinstance(event, Rejected):
-                raise _rejection(event)
+                raise rejection_error(event)
+            if isinstance(event, Finished):
+                raise _shutting_down()  # the engine ended a job that had not even started
             if isinstance(event, Admitted):
                 waiting.discard(tag)
-                self.usage.cached_tokens += event.cached_tokens
+                self._count_cached(tag, event.cached_tokens)
             else:
                 self._early.append(item)
-        self.admitted_at = time.monotonic()
+
+    def _count_cached(self, tag: int, tokens: int) -> None:
+        """A prompt counts as cached as far as every choice of it found it cached: the choice that
+        computed it is what it cost."""
+        self._cached[tag] += tokens
+        least: dict[int, int] = {}
+        for choice in self._choices:
+            least[choice.prompt_index] = min(least.get(choice.prompt_index, 1 << 62), self._cached[choice.index])
+        self.usage.cached_tokens = sum(least.values())
 
     def updates(self) -> Iterator[Update | None]:
         """Text updates as they come; ``None`` when nothing came for a heartbeat interval."""
@@ -152,15 +169,20 @@ class GenerationRun:
         if isinstance(event, Token):
             delta = text.add(event.token, event.logprob)
             if text.stopped:
-                self._engine.cancel(self._jobs[tag])
+                self._engine.cancel(self._jobs[tag], FinishReason.STOP)
                 return self._finish(tag, delta, FinishReason.STOP)
             return Update(tag, delta) if delta.text or delta.logprobs else None
+        if isinstance(event, PrefixCopied):
+            self._count_cached(tag, event.cached_tokens)
+            return None
         if isinstance(event, Finished):
             if event.reason in (FinishReason.STOP, FinishReason.LENGTH):
                 return self._finish(tag, text.finish(), event.reason)
+            if event.reason is FinishReason.CANCELLED:
+                raise _shutting_down()  # nobody here cancelled it: the engine is stopping
             raise EngineFailure("The engine stopped this generation; retry the request.")
         if isinstance(event, Rejected):
-            raise _rejection(event)
+            raise rejection_error(event)
         return None
 
     def _finish(self, tag: int, delta: Delta, reason: FinishReason) -> Update:

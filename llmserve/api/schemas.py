@@ -6,11 +6,13 @@ that exist in the API but are not supported here are refused by name.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+TOKEN_ID = re.compile(r"[0-9]{1,9}")
 
 
 class StrictModel(BaseModel):
@@ -78,7 +80,7 @@ class GenerationRequest(StrictModel):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for token, bias in (value or {}).items():
-            if not token.isdigit():
+            if not TOKEN_ID.fullmatch(token):
                 raise ValueError(f"keys must be token ids, got {token!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {token} must be between -100 and 100, got {bias!r}")

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
-HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def event(payload: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from llmserve.engine.jobs import (
     FinishReason,
     GenerationSpec,
     Job,
+    PrefixCopied,
     Rejected,
     RejectReason,
     Token,
@@ -135,9 +136,9 @@ class Engine:
     def submit(self, job: Job) -> None:
         self._inbox.put(job)
 
-    def cancel(self, job: Job) -> None:
-        """Stop a job wherever it is; its slot is free again before the next step."""
-        job.cancelled = True
+    def cancel(self, job: Job, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """End a job wherever it is; its slot is free again before the next step."""
+        job.stop_reason = reason
         self._inbox.put(None)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -159,7 +160,7 @@ class Engine:
     def busy(self) -> bool:
         """Whether any job is queued or running (the watchdog only judges progress while busy)."""
         stats = self._stats.snapshot
-        return stats.slots_busy > 0 or stats.queued > 0
+        return stats.slots_busy > 0 or stats.queued > 0 or bool(self._embed_queue)
 
     def stats(self) -> EngineStats:
         return self._stats.snapshot
@@ -206,8 +207,8 @@ class Engine:
                 embedder.close()
             if context is not None:
                 context.close()
-            if self.model is not None:
-                self.model.close()
+            # The model itself stays loaded until the process exits: greenlets may still be turning
+            # already-delivered tokens into text with its vocabulary.
             self._exited.release()
 
     def _warm_up(self, context: LlamaContext, embedder: Embedder | None) -> None:
@@ -226,7 +227,7 @@ class Engine:
         while not self._stopping:
             self.last_progress = time.monotonic()
             idle = not self._embed_queue and all(slot.job is None for slot in self._slots) and not len(self._scheduler)
-            self._take_inbox(block=idle)
+            self._take_inbox(context, block=idle)
             self._drop_cancelled_and_expired()
             self._admit(context)
             if self._embed_queue and embedder is not None:
@@ -242,12 +243,15 @@ class Engine:
                 jobs_per_second=self._drain.per_second,
             )
 
-    def _take_inbox(self, *, block: bool) -> None:
+    def _take_inbox(self, context: LlamaContext, *, block: bool) -> None:
+        """Take every new job; each gets a free slot at once if there is one, so only jobs that must
+        wait count against the queue's size."""
         try:
             item = self._inbox.get(timeout=IDLE_WAIT) if block else self._inbox.get_nowait()
             while True:
                 if item is not None:
                     self._accept(item)
+                    self._admit(context)
                 item = self._inbox.get_nowait()
         except _queue.Empty:
             pass
@@ -276,8 +280,8 @@ class Engine:
             self._embedded.pop(job, None)
             job.sink.push(Finished(FinishReason.CANCELLED))
         for slot in self._slots:
-            if slot.job is not None and slot.job.cancelled:
-                self._retire(slot, FinishReason.CANCELLED)
+            if slot.job is not None and slot.job.stop_reason is not None:
+                self._retire(slot, slot.job.stop_reason)
 
     def _admit(self, context: LlamaContext) -> None:
         self._resolve_donors(context)
@@ -296,13 +300,12 @@ class Engine:
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
             assert self.vocab is not None
             slot.sampler = None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
+            self._stats.cached_prompt_tokens += reuse
+            job.sink.push(Admitted(cached_tokens=reuse))
             donor, shared = self._best_donor(slot)
             if shared >= reuse + MIN_SHARED_PREFIX:
                 slot.donor, slot.shared = donor, shared
                 self._resolve_donors(context)
-            else:
-                self._stats.cached_prompt_tokens += reuse
-                job.sink.push(Admitted(cached_tokens=reuse))
 
     def _best_donor(self, slot: Slot) -> tuple[Slot | None, int]:
         """The other slot that holds, or is computing, the longest prefix of ``slot``'s prompt.
@@ -331,14 +334,14 @@ class Engine:
             available = min(_common_prefix(donor.cached, slot.spec.prompt), slot.shared)
             if available < slot.shared and donor.spec is not None and donor.prefilling:
                 continue  # the donor is still computing it
+            slot.donor = None
             if available > slot.prefilled:
                 context.copy_sequence(donor.index, slot.index, available)
                 slot.cached[:] = donor.cached[:available]
+                self._stats.cached_prompt_tokens += available - slot.prefilled
+                assert slot.job is not None
+                slot.job.sink.push(PrefixCopied(cached_tokens=available - slot.prefilled))
                 slot.prefilled = available
-            slot.donor = None
-            self._stats.cached_prompt_tokens += slot.prefilled
-            assert slot.job is not None
-            slot.job.sink.push(Admitted(cached_tokens=slot.prefilled))
 
     def _step(self, context: LlamaContext) -> None:
         context.clear_batch()
@@ -398,7 +401,7 @@ class Engine:
 
     def _retire(self, slot: Slot, reason: FinishReason) -> None:
         assert slot.job is not None
-        slot.job.sink.push(Finished(reason, slot.generated))
+        slot.job.sink.push(Finished(reason))
         if reason is FinishReason.CANCELLED:
             self._stats.cancelled += 1
         self._drain.record_finished()

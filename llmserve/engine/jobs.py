@@ -95,6 +95,13 @@ class Admitted:
 
 
 @dataclass(frozen=True)
+class PrefixCopied:
+    """More of the prompt came from another slot's cache: ``cached_tokens`` beyond those in Admitted."""
+
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
 class Rejected:
     reason: RejectReason
     retry_after: float
@@ -121,10 +128,9 @@ class Embeddings:
 @dataclass(frozen=True)
 class Finished:
     reason: FinishReason
-    generated_tokens: int = 0
 
 
-Event = Admitted | Rejected | Token | Embeddings | Finished
+Event = Admitted | PrefixCopied | Rejected | Token | Embeddings | Finished
 
 
 class EventSink(Protocol):
@@ -135,12 +141,20 @@ class EventSink(Protocol):
 
 @dataclass(eq=False)
 class Job:
-    """One unit of engine work. Identity is the job itself (hashable by id)."""
+    """One unit of engine work. Identity is the job itself (hashable by id).
+
+    ``stop_reason`` is the one field the request side writes: set, it asks the engine to end the job
+    (CANCELLED when the client left, STOP when a stop sequence was found) before its next step.
+    """
 
     spec: GenerationSpec | EmbeddingSpec
     sink: EventSink
     id: int = field(default_factory=lambda: next(_job_ids))
-    cancelled: bool = False
+    stop_reason: FinishReason | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stop_reason is not None
 
     def __hash__(self) -> int:
         return self.id

@@ -34,7 +34,6 @@ class Vocabulary:
         self.size = lc.llama_vocab_n_tokens(self._vocab)
         self.bos = lc.llama_vocab_bos(self._vocab)
         self.eos = lc.llama_vocab_eos(self._vocab)
-        self.adds_bos = bool(lc.llama_vocab_get_add_bos(self._vocab))
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
@@ -96,7 +95,6 @@ class LlamaModel:
         if not self.pointer:
             raise LlamaError(f"llama.cpp could not load {path}")
         self.vocab = Vocabulary(self.pointer)
-        self.context_train = lc.llama_model_n_ctx_train(self.pointer)
         self.embedding_size = lc.llama_model_n_embd(self.pointer)
 
     def metadata(self, key: str) -> str | None:
@@ -108,11 +106,6 @@ class LlamaModel:
             buffer = ctypes.create_string_buffer(length + 1)
             lc.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
         return buffer.value.decode("utf-8", errors="replace")
-
-    def close(self) -> None:
-        if self.pointer:
-            lc.llama_model_free(self.pointer)
-            self.pointer = None
 
 
 class LlamaContext:
@@ -203,8 +196,9 @@ class LlamaContext:
     def forget(self, sequence: int, start: int = 0) -> int:
         """Drop the cells of ``sequence`` from position ``start`` on; returns how many cells it keeps.
 
-        Some caches (a sliding-window cache that has evicted old cells) cannot be trimmed in the middle;
-        then the whole sequence is dropped and 0 is returned.
+        llama.cpp refuses to cut some caches in the middle (a sliding-window cache that evicts old
+        cells; contexts here keep a full-size one, so this is a safeguard): then the whole sequence
+        is dropped and 0 is returned.
         """
         if start > 0 and lc.llama_memory_seq_rm(self.memory, sequence, start, -1):
             return start

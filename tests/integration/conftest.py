@@ -52,7 +52,7 @@ def start_server(directory: Path, **settings: str) -> Server:
     port = free_port()
     log = directory / "server.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
-    env.update({"LLMSERVE_PORT": str(port), "LLMSERVE_STATE_DIR": str(directory / "state")})
+    env.update({"LLMSERVE_PORT": str(port)})
     env.update({f"LLMSERVE_{key.upper()}": value for key, value in settings.items()})
     with log.open("wb") as output:
         process = subprocess.Popen([LLMSERVE, "serve"], env=env, stdout=output, stderr=subprocess.STDOUT)

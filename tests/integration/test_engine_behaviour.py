@@ -149,10 +149,10 @@ def test_n_choices_compute_their_shared_prompt_once(server: Server, client: open
     result = client.completions.create(model=MODEL, prompt=prompt, n=3, max_tokens=4, temperature=0, logit_bias=NO_EOS)
     computed = server.engine_stats()["prompt_tokens"] - before
     assert result.usage is not None and result.usage.prompt_tokens_details is not None
-    length = result.usage.prompt_tokens // 3
+    length = result.usage.prompt_tokens  # the prompt counts once, however many choices share it
     assert length > 64
     assert computed < 2 * length  # one prefill, two copies (each re-decodes only the last token)
-    assert result.usage.prompt_tokens_details.cached_tokens >= 2 * (length - 1)
+    assert result.usage.prompt_tokens_details.cached_tokens < length  # what the computing choice found
     assert len({choice.text for choice in result.choices}) == 1
 
 

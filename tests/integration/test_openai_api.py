@@ -93,6 +93,19 @@ def test_n_choices_are_indexed_prompt_major(client: openai.OpenAI) -> None:
     assert result.usage is not None and result.usage.completion_tokens == 16
 
 
+def test_seeded_choices_differ_from_each_other(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model=MODEL, prompt="Red", n=2, max_tokens=12, temperature=1.5, seed=5, logit_bias=NO_EOS
+    )
+    assert result.choices[0].text != result.choices[1].text
+
+
+def test_more_generations_than_slots_is_refused(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model=MODEL, prompt="hi", n=9, max_tokens=1)
+    assert raised.value.param == "n"
+
+
 def test_a_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
     request = dict(model=MODEL, prompt="Red", max_tokens=12, temperature=0.9, seed=7, logit_bias=NO_EOS)
     first = client.completions.create(**request).choices[0].text  # type: ignore[call-overload]
