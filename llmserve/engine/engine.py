@@ -12,7 +12,7 @@ from __future__ import annotations
 import _queue
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -88,7 +88,7 @@ class Slot:
         return self.spec is not None and self.prefilled < len(self.spec.prompt)
 
 
-def _common_prefix(a: list[int], b: tuple[int, ...]) -> int:
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     length = min(len(a), len(b))
     for i in range(length):
         if a[i] != b[i]:
@@ -320,13 +320,14 @@ class Engine:
             if other is slot or other.donor is not None:
                 continue
             source = other.spec.prompt if other.spec is not None and other.prefilling else other.cached
-            shared = min(_common_prefix(list(source), prompt), len(prompt) - 1)
+            shared = min(_common_prefix(source, prompt), len(prompt) - 1)
             if shared > best[1]:
                 best = (other, shared)
         return best
 
     def _resolve_donors(self, context: LlamaContext) -> None:
-        """Copy the prefix into slots whose donor has computed it (or stopped trying), and admit them."""
+        """Copy the prefix into slots whose donor has computed it (or has stopped computing it); those
+        slots then feed the rest of their prompt themselves."""
         for slot in self._slots:
             donor = slot.donor
             if donor is None or slot.spec is None:
