@@ -7,10 +7,18 @@ and GPU contexts do not survive a fork.
 from __future__ import annotations
 
 import logging.config
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 from llmserve.logs import logging_config
 from llmserve.settings import SettingsError, load_settings
+
+# Every worker writes its metric samples here; it must be set before a worker imports prometheus_client.
+_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+os.environ.setdefault(_METRICS_DIR, tempfile.mkdtemp(prefix="llmserve-metrics-"))
 
 try:
     _settings = load_settings()
@@ -36,6 +44,20 @@ proc_name = "llmserve"
 # Managed through signals (systemd, Kubernetes); a shared default socket path would let one instance's
 # control commands reach another on the same host.
 control_socket_disable = True
+
+
+def on_starting(server):  # type: ignore[no-untyped-def]
+    """Start from an empty metrics directory: samples of an earlier run's workers would be summed in."""
+    directory = Path(os.environ[_METRICS_DIR])
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+
+
+def child_exit(server, worker):  # type: ignore[no-untyped-def]
+    """Drop a dead worker's live gauges, so its slots and queue stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]

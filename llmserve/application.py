@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from llmserve import api, errors, requestlog
+from llmserve import api, errors, metrics, requestlog
 from llmserve.service import ModelService
 from llmserve.settings import Settings, load_settings
 
@@ -18,6 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     errors.init_app(app)
     requestlog.init_app(app)
-    ModelService(settings).init_app(app)
+    llm_metrics = metrics.init_app(app, settings)
+    ModelService(settings, llm_metrics).init_app(app)
     api.init_app(app)
     return app

@@ -10,7 +10,7 @@ import logging
 import math
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -155,6 +155,7 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(APIError)
     def _api_error(error: APIError) -> Response:
+        g.api_error_code = error.code  # for the metrics' count of rejections by reason
         return render(error)
 
     @app.errorhandler(HTTPException)

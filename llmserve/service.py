@@ -19,6 +19,7 @@ from llmserve.chat_format import ChatFormatError, ChatFormatter, Message, select
 from llmserve.engine.engine import Engine, EngineState
 from llmserve.engine.llama_model import Vocabulary
 from llmserve.errors import APIError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from llmserve.metrics import LLMMetrics
 from llmserve.model_files import resolve_model_path
 from llmserve.settings import Settings
 
@@ -28,9 +29,13 @@ EXTENSION = "llmserve.service"
 T = TypeVar("T")
 
 
+ENGINE_METRICS_INTERVAL = 1.0  # seconds between copies of the engine's state into the metrics
+
+
 class ModelService:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: LLMMetrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.engine = Engine(
             settings.model,
             lambda: resolve_model_path(settings.model, settings.cache_dir),
@@ -43,6 +48,12 @@ class ModelService:
 
     def start(self) -> None:
         self.engine.start()
+        gevent.spawn(self._publish_engine_metrics)
+
+    def _publish_engine_metrics(self) -> None:
+        while self.engine.alive:
+            self.metrics.publish_engine(self.model_id, self.engine.stats())
+            gevent.sleep(ENGINE_METRICS_INTERVAL)
 
     def stop(self) -> None:
         self.engine.stop()

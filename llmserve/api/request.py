@@ -150,12 +150,18 @@ def respond(
     except BaseException:
         run.close()
         raise
+    started = g.get("started", time.monotonic())
+
+    def finish() -> None:
+        run.close()
+        service.metrics.record_request(service.model_id, run.usage, started, run.first_token_at, time.monotonic())
+
     created = int(time.time())
     envelope = {"id": response_id, "created": created, "model": service.model_id}
     g.usage = run.usage
     if body.stream:
         chunk_envelope = {**envelope, "object": renderer.chunk_object_name}
-        return sse.stream_response(_stream_chunks(run, renderer, chunk_envelope, body.include_usage), run.close)
+        return sse.stream_response(_stream_chunks(run, renderer, chunk_envelope, body.include_usage), finish)
     try:
         collected: dict[int, tuple[list[str], list[Any]]] = {c.index: ([], []) for c in choices}
         for update in run.updates():
@@ -164,7 +170,7 @@ def respond(
                 texts.append(update.delta.text)
                 logprobs.extend(update.delta.logprobs)
     finally:
-        run.close()
+        finish()
     final = [
         renderer.final_choice(i, "".join(texts), logprobs, run.finish_reasons[i])
         for i, (texts, logprobs) in sorted(collected.items())

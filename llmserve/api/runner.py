@@ -101,6 +101,7 @@ class GenerationRun:
         prompts = {choice.prompt_index: len(choice.spec.prompt) for choice in choices}
         self.usage = Usage(prompt_tokens=sum(prompts.values()))
         self.finish_reasons: dict[int, str] = {}
+        self.first_token_at: float | None = None
 
     def admit(self) -> None:
         """Submit every job and wait until all hold a slot; raise a 503 error if any is refused."""
@@ -167,6 +168,8 @@ class GenerationRun:
     def _apply(self, tag: int, event: object) -> Update | None:
         text = self._texts[tag]
         if isinstance(event, Token):
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
             delta = text.add(event.token, event.logprob)
             if text.stopped:
                 self._engine.cancel(self._jobs[tag], FinishReason.STOP)

@@ -1,0 +1,77 @@
+"""Metrics with two gunicorn workers: sums across workers, and no series left by a dead worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import MODEL, Server, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+NO_EOS = {"1": -100, "106": -100}
+
+
+def sample(server: Server, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    match = re.search(rf'^{name}{{model="{MODEL}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def settles(server: Server, name: str, expected: float, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sample(server, name) == expected:
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("two-workers"), workers="2", model__parallel="2", model__threads="1")
+    yield running
+    stop_server(running)
+
+
+def test_counters_add_up_across_workers(two_workers: Server) -> None:
+    client = two_workers.client(max_retries=0, timeout=120)
+    before = sample(two_workers, "llmserve_generation_tokens_total")
+    prompt_tokens = 0
+    for number in range(6):  # spread over both workers by the kernel's accept balancing
+        result = client.completions.create(
+            model=MODEL, prompt=f"Count {number}:", max_tokens=4, temperature=0, logit_bias=NO_EOS
+        )
+        assert result.usage is not None
+        prompt_tokens += result.usage.prompt_tokens
+    # Every scrape, whichever worker answers it, reports the sum over both.
+    for _ in range(4):
+        assert sample(two_workers, "llmserve_generation_tokens_total") == before + 24
+
+
+def test_gauges_sum_live_workers_and_forget_dead_ones(two_workers: Server) -> None:
+    assert settles(two_workers, "llmserve_slots_total", 4.0)  # 2 workers x 2 slots
+    victim = two_workers.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    # gunicorn replaces the worker; had the dead one's gauge stayed, the total would reach 6.
+    deadline = time.monotonic() + 60
+    while victim in two_workers.worker_pids() or len(two_workers.worker_pids()) < 2:
+        assert time.monotonic() < deadline, "the killed worker was not replaced"
+        time.sleep(0.2)
+    assert settles(two_workers, "llmserve_slots_total", 4.0, timeout=60)
+    time.sleep(2)  # several publishing rounds of both workers
+    assert sample(two_workers, "llmserve_slots_total") == 4.0
+
+
+def test_metrics_move_with_traffic(two_workers: Server) -> None:
+    client: openai.OpenAI = two_workers.client(max_retries=0, timeout=120)
+    before = sample(two_workers, "llmserve_prompt_tokens_total")
+    client.completions.create(model=MODEL, prompt="Hello there", max_tokens=2)
+    assert sample(two_workers, "llmserve_prompt_tokens_total") > before
