@@ -34,9 +34,18 @@ def settles(server: Server, name: str, expected: float, timeout: float = 30.0) -
     return False
 
 
+def wait_until_engines_ready(server: Server, engines: int) -> None:
+    """Each worker's engine logs once that it is ready; a probe reaches only one worker."""
+    deadline = time.monotonic() + 120
+    while server.log.read_text(errors="replace").count("ready in") < engines:
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = start_server(tmp_path_factory.mktemp("two-workers"), workers="2", model__parallel="2", model__threads="1")
+    wait_until_engines_ready(running, 2)  # /readyz answered from one worker only
     yield running
     stop_server(running)
 
@@ -65,6 +74,7 @@ def test_gauges_sum_live_workers_and_forget_dead_ones(two_workers: Server) -> No
     while victim in two_workers.worker_pids() or len(two_workers.worker_pids()) < 2:
         assert time.monotonic() < deadline, "the killed worker was not replaced"
         time.sleep(0.2)
+    wait_until_engines_ready(two_workers, 3)  # the two first workers, then the replacement
     assert settles(two_workers, "llmserve_slots_total", 4.0, timeout=60)
     time.sleep(2)  # several publishing rounds of both workers
     assert sample(two_workers, "llmserve_slots_total") == 4.0
