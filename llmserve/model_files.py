@@ -16,8 +16,6 @@ from llmserve.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_SHA256 = embedded.EXPECTED_SHA256
-
 
 class ModelFileError(Exception):
     """The model file is missing or damaged."""

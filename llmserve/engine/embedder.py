@@ -17,7 +17,6 @@ MAX_SEQUENCES_PER_DECODE = 16
 
 class Embedder:
     def __init__(self, model: LlamaModel, settings: ModelSettings) -> None:
-        self.max_input_tokens = settings.embedding_context
         self._context = LlamaContext(
             model,
             n_ctx=settings.embedding_context,
