@@ -37,8 +37,10 @@ keepalive = 75
 preload_app = False
 # Configured directly rather than through gunicorn's logconfig_dict: with that set, gunicorn formats an
 # access-log line for every request (probes included) even when nothing logs it. The app writes its
-# own request lines.
+# own request lines. GunicornLogger sends gunicorn's own lines through the same handler and format.
 logging.config.dictConfig(logging_config(_settings))
+logger_class = "llmserve.logs.GunicornLogger"
+loglevel = _settings.log_level
 accesslog = None
 proc_name = "llmserve"
 # Managed through signals (systemd, Kubernetes); a shared default socket path would let one instance's

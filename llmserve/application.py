@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from flask import Flask
 
-from llmserve import api, errors, metrics, requestlog
+from llmserve import api, auth, errors, metrics, requestlog
+from llmserve.quotas import Quotas
 from llmserve.service import ModelService
 from llmserve.settings import Settings, load_settings
+from llmserve.tenancy import Tenancy
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -18,7 +20,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     errors.init_app(app)
     requestlog.init_app(app)
+    tenancy = Tenancy(settings)
+    tenancy.init_app(app)
+    auth.init_app(app)  # before the quotas: they are counted per tenant
+    quotas = Quotas(settings)
+    quotas.init_app(app)
     llm_metrics = metrics.init_app(app, settings)
-    ModelService(settings, llm_metrics).init_app(app)
-    api.init_app(app)
+    ModelService(settings, llm_metrics, tenancy).init_app(app)
+    api.init_app(app, quotas)
     return app

@@ -15,9 +15,13 @@ from typing import Any
 import click
 from pydantic.fields import FieldInfo
 
+from llmserve.keys import KeyStore, KeyStoreError
 from llmserve.settings import CONFIG_ENV_VAR, ENV_PREFIX, ModelSettings, Settings, SettingsError, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Settings that are tables in the TOML file rather than single values; the model's fields get options of
+# their own, tenants are configured in the file only.
+TABLE_FIELDS = frozenset({"model", "tenants"})
 
 
 def _option_for(name: str, field: FieldInfo, env_name: str) -> click.Option:
@@ -32,7 +36,7 @@ def _option_for(name: str, field: FieldInfo, env_name: str) -> click.Option:
 def _settings_options() -> list[tuple[click.Option, str]]:
     options = []
     for name, field in Settings.model_fields.items():
-        if name == "model":
+        if name in TABLE_FIELDS:
             continue
         env_name = ENV_PREFIX + name.upper()
         options.append((_option_for(name, field, env_name), env_name))
@@ -92,3 +96,55 @@ def config(config: Path | None, **values: Any) -> None:
     """Validate the settings and print them as JSON."""
     settings = _apply(config, values)
     click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (stored hashed in the state directory)."""
+
+
+def _key_store(config: Path | None) -> tuple[Settings, KeyStore]:
+    settings = _apply(config, {})
+    return settings, KeyStore(settings.state_dir)
+
+
+@keys.command("create")
+@_config_option
+@click.option("--tenant", help="The configured tenant the key belongs to.")
+@click.option("--admin", is_flag=True, help="An admin key instead: admin endpoints, no model use.")
+def create_key(config: Path | None, tenant: str | None, admin: bool) -> None:
+    """Create a key and print it once; only its hash is kept."""
+    settings, store = _key_store(config)
+    if admin == (tenant is not None):
+        raise click.UsageError("give either --tenant NAME or --admin")
+    if tenant is not None and tenant not in settings.tenants:
+        known = ", ".join(sorted(settings.tenants)) or "none"
+        raise click.ClickException(f"no tenant {tenant!r} is configured (configured: {known})")
+    record, key = store.create(tenant, admin=admin)
+    click.echo(key)
+    click.echo(
+        f"key id {record.id} for {'admin' if admin else 'tenant ' + str(tenant)}; it is not shown again", err=True
+    )
+
+
+@keys.command("list")
+@_config_option
+def list_keys(config: Path | None) -> None:
+    """List keys: id, owner, created, revoked."""
+    _, store = _key_store(config)
+    for record in store.list():
+        owner = "admin" if record.admin else f"tenant={record.tenant}"
+        click.echo(f"{record.id}  {owner}  created={record.created}  revoked={record.revoked or '-'}")
+
+
+@keys.command("revoke")
+@_config_option
+@click.argument("key_id")
+def revoke_key(config: Path | None, key_id: str) -> None:
+    """Revoke a key by id; every worker refuses it from its next request on."""
+    _, store = _key_store(config)
+    try:
+        store.revoke(key_id)
+    except KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {key_id}")

@@ -52,6 +52,29 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class AuthenticationFailed(APIError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(APIError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class RateLimited(APIError):
+    """A quota is used up for now; ``type`` says which one (``requests`` or ``tokens``), as OpenAI does."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, retry_after=retry_after, code=code)
+        self.type = kind
+
+
 class NotFound(APIError):
     status = 404
     type = "invalid_request_error"
@@ -142,6 +165,12 @@ def render(error: APIError) -> Response:
     return response
 
 
+def respond_with(error: APIError) -> Response:
+    """The error response, noting the error's code for the metrics and the request log."""
+    g.setdefault("request_log", {})["error_code"] = error.code or error.type
+    return render(error)
+
+
 _HTTP_ERRORS: dict[int, type[APIError]] = {
     404: NotFound,
     405: MethodNotAllowed,
@@ -153,10 +182,7 @@ _HTTP_ERRORS: dict[int, type[APIError]] = {
 def init_app(app: Flask) -> None:
     """Route every error, including werkzeug's own and unexpected crashes, through ``render``."""
 
-    @app.errorhandler(APIError)
-    def _api_error(error: APIError) -> Response:
-        g.api_error_code = error.code  # for the metrics' count of rejections by reason
-        return render(error)
+    app.register_error_handler(APIError, respond_with)
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
@@ -165,11 +191,11 @@ def init_app(app: Flask) -> None:
         if cls is None:
             cls = InvalidRequest if 400 <= status < 500 else APIError
         api_error = cls(error.description or error.name)
-        response = render(api_error)
+        response = respond_with(api_error)
         response.status_code = status
         return response
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
         log.error("unhandled error while serving a request", exc_info=error)
-        return render(APIError("The server had an error while processing your request."))
+        return respond_with(APIError("The server had an error while processing your request."))

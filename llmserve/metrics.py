@@ -6,103 +6,211 @@ worker reports the sum over all of them. Custom collectors do not work in that m
 point-in-time state is copied into gauges once a second by a greenlet; the gauges use ``livesum`` so that
 a dead worker's slots stop counting. Without the variable (the Flask test client) a plain registry is
 used.
+
+Gauge modes are chosen per meaning: ``livesum`` for what adds up over workers (slots, queues, memory,
+live workers), ``max`` for what every worker reports alike (configured workers, model load time), and
+``mostrecent`` for host-wide readings (GPU). Tenant labels only ever take configured tenant names (or
+``default``), so their number is bounded by the configuration.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from flask import Flask, Response, g
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
-from llmserve.engine.stats import EngineStats
+from llmserve.engine.stats import EngineStats, StepSample
+from llmserve.gpu import GpuReading
 from llmserve.settings import Settings
 
 if TYPE_CHECKING:
     from llmserve.api.runner import Usage
 
+
+class FinishedRequest(Protocol):
+    """What the metrics read from a finished generation request (``GenerationRun`` provides it)."""
+
+    usage: Usage
+    admitted_at: float | None
+    first_token_at: float | None
+    token_gaps: list[float]
+    cancelled_by: str | None
+
+
 EXTENSION = "llmserve.metrics"
 # Error codes that mean the server refused work it could not take (a fixed set: bounded label values).
 REJECTION_CODES = frozenset(
-    {"queue_full", "queue_timeout", "context_length_exceeded", "model_loading", "service_unavailable"}
+    {
+        "queue_full",
+        "queue_timeout",
+        "tenant_queue_full",
+        "rate_limit_exceeded",
+        "context_length_exceeded",
+        "model_loading",
+        "service_unavailable",
+    }
 )
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # LLM latencies span milliseconds (a token) to minutes (a long generation).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Between two tokens of one stream: a few milliseconds on a GPU, tens to hundreds on a small CPU.
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+GaugeMode = Literal["livesum", "max", "mostrecent"]
 
 
 @dataclass
 class LLMMetrics:
-    """The LLM view: engine state, tokens, latencies and rejections, labelled by model."""
+    """The LLM view: engine state, tokens, latencies, rejections and errors, labelled by model (and tenant)."""
 
     slots_busy: Gauge
     slots_total: Gauge
+    requests_running: Gauge
     requests_waiting: Gauge
     kv_cells_used: Gauge
+    kv_cells_total: Gauge
+    model_load_seconds: Gauge
+    workers_alive: Gauge
+    workers_expected: Gauge
+    resident_memory: Gauge
+    gpu_utilization: Gauge
+    gpu_memory_used: Gauge
+    gpu_memory_total: Gauge
     prompt_tokens: Counter
     generation_tokens: Counter
-    time_to_first_token: Histogram
-    request_duration: Histogram
     rejections: Counter
+    cancellations: Counter
+    errors: Counter
+    time_to_first_token: Histogram
+    inter_token_latency: Histogram
+    queue_wait: Histogram
+    request_duration: Histogram
+    engine_step: Histogram
+    engine_batch_tokens: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> LLMMetrics:
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, ["model"], registry=registry, multiprocess_mode="livesum")
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("model",), mode: GaugeMode = "livesum") -> Gauge:
+            return Gauge(name, doc, labels, registry=registry, multiprocess_mode=mode)
 
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+            return Counter(name, doc, labels, registry=registry)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=registry)
+
+        by_tenant = ("model", "tenant")
+        gpu = ("gpu", "name")
         return cls(
             slots_busy=gauge("llmserve_slots_busy", "Sequence slots decoding or prefilling."),
             slots_total=gauge("llmserve_slots_total", "Sequence slots of the engines."),
-            requests_waiting=gauge("llmserve_requests_waiting", "Generation jobs queued for a slot."),
+            requests_running=gauge("llmserve_requests_running", "Generation jobs holding a slot.", by_tenant),
+            requests_waiting=gauge("llmserve_requests_waiting", "Generation jobs queued for a slot.", by_tenant),
             kv_cells_used=gauge("llmserve_kv_cells_used", "KV cache cells held by the slots."),
-            prompt_tokens=Counter(
-                "llmserve_prompt_tokens", "Prompt tokens of finished requests.", ["model"], registry=registry
+            kv_cells_total=gauge("llmserve_kv_cells_total", "KV cache cells of the engines."),
+            model_load_seconds=gauge(
+                "llmserve_model_load_seconds", "Seconds the model took to load and warm up.", mode="max"
             ),
-            generation_tokens=Counter(
-                "llmserve_generation_tokens", "Tokens generated for finished requests.", ["model"], registry=registry
+            workers_alive=gauge("llmserve_workers_alive", "Live gunicorn workers.", ()),
+            workers_expected=gauge("llmserve_workers_expected", "Configured gunicorn workers.", (), mode="max"),
+            resident_memory=gauge(
+                "llmserve_process_resident_memory_bytes", "Resident memory of the workers, summed.", ()
             ),
-            time_to_first_token=Histogram(
+            gpu_utilization=gauge("llmserve_gpu_utilization_ratio", "GPU busy share.", gpu, "mostrecent"),
+            gpu_memory_used=gauge("llmserve_gpu_memory_used_bytes", "GPU memory in use.", gpu, "mostrecent"),
+            gpu_memory_total=gauge("llmserve_gpu_memory_total_bytes", "GPU memory.", gpu, "mostrecent"),
+            prompt_tokens=counter("llmserve_prompt_tokens", "Prompt tokens of finished requests.", by_tenant),
+            generation_tokens=counter(
+                "llmserve_generation_tokens", "Tokens generated for finished requests.", by_tenant
+            ),
+            rejections=counter(
+                "llmserve_rejections", "Requests refused before generation, by reason.", ("model", "reason")
+            ),
+            cancellations=counter(
+                "llmserve_cancellations", "Generations ended early by the client or a shutdown.", ("model", "reason")
+            ),
+            errors=counter("llmserve_errors", "Error responses by status and error code.", ("status", "code")),
+            time_to_first_token=histogram(
                 "llmserve_time_to_first_token_seconds",
                 "From the request's arrival to its first generated token.",
-                ["model"],
-                buckets=LATENCY_BUCKETS,
-                registry=registry,
+                by_tenant,
+                LATENCY_BUCKETS,
             ),
-            request_duration=Histogram(
+            inter_token_latency=histogram(
+                "llmserve_inter_token_latency_seconds",
+                "Between consecutive tokens of one choice, as the server delivered them.",
+                ("model",),
+                TOKEN_GAP_BUCKETS,
+            ),
+            queue_wait=histogram(
+                "llmserve_queue_wait_seconds",
+                "From arrival until every choice held a slot.",
+                by_tenant,
+                LATENCY_BUCKETS,
+            ),
+            request_duration=histogram(
                 "llmserve_request_duration_seconds",
                 "From arrival to the last byte of a generation request.",
-                ["model"],
-                buckets=LATENCY_BUCKETS,
-                registry=registry,
+                by_tenant,
+                LATENCY_BUCKETS,
             ),
-            rejections=Counter(
-                "llmserve_rejections",
-                "Requests refused before generation, by reason.",
-                ["model", "reason"],
-                registry=registry,
+            engine_step=histogram(
+                "llmserve_engine_step_seconds", "One batched decode step.", ("model",), TOKEN_GAP_BUCKETS
+            ),
+            engine_batch_tokens=histogram(
+                "llmserve_engine_batch_tokens", "Tokens decoded in one step.", ("model",), BATCH_BUCKETS
             ),
         )
 
-    def record_request(
-        self, model: str, usage: Usage, started: float, first_token_at: float | None, ended: float
-    ) -> None:
+    def record_request(self, model: str, tenant: str, run: FinishedRequest, started: float, ended: float) -> None:
         """Account one generation request once its response is complete (or abandoned)."""
-        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-        self.generation_tokens.labels(model).inc(usage.completion_tokens)
-        if first_token_at is not None:
-            self.time_to_first_token.labels(model).observe(first_token_at - started)
-        self.request_duration.labels(model).observe(ended - started)
+        self.prompt_tokens.labels(model, tenant).inc(run.usage.prompt_tokens)
+        self.generation_tokens.labels(model, tenant).inc(run.usage.completion_tokens)
+        if run.admitted_at is not None:
+            self.queue_wait.labels(model, tenant).observe(run.admitted_at - started)
+        if run.first_token_at is not None:
+            self.time_to_first_token.labels(model, tenant).observe(run.first_token_at - started)
+        gaps = self.inter_token_latency.labels(model)
+        for gap in run.token_gaps:
+            gaps.observe(gap)
+        self.request_duration.labels(model, tenant).observe(ended - started)
+        if run.cancelled_by is not None:
+            self.cancellations.labels(model, run.cancelled_by).inc()
 
-    def publish_engine(self, model: str, stats: EngineStats) -> None:
+    def publish_engine(
+        self, model: str, stats: EngineStats, steps: Iterable[StepSample], tenants: Iterable[str], kv_cells: int
+    ) -> None:
+        """Copy the engine's state and its steps since the last call; every configured tenant gets a value,
+        so a tenant that went idle reads 0 rather than its last busy value."""
         self.slots_busy.labels(model).set(stats.slots_busy)
         self.slots_total.labels(model).set(stats.slots_total)
-        self.requests_waiting.labels(model).set(stats.queued)
         self.kv_cells_used.labels(model).set(stats.kv_cells_used)
+        self.kv_cells_total.labels(model).set(kv_cells)
+        if stats.model_load_seconds:
+            self.model_load_seconds.labels(model).set(stats.model_load_seconds)
+        for tenant in tenants:
+            load = stats.tenants.get(tenant)
+            self.requests_running.labels(model, tenant).set(load.running if load else 0)
+            self.requests_waiting.labels(model, tenant).set(load.queued if load else 0)
+        step_seconds, batch_tokens = self.engine_step.labels(model), self.engine_batch_tokens.labels(model)
+        for step in steps:
+            step_seconds.observe(step.seconds)
+            batch_tokens.observe(step.batch_tokens)
+
+    def publish_process(self, resident_bytes: int, gpus: Iterable[GpuReading]) -> None:
+        self.resident_memory.set(resident_bytes)
+        for gpu in gpus:
+            labels = (str(gpu.index), gpu.name)
+            self.gpu_utilization.labels(*labels).set(gpu.utilization)
+            self.gpu_memory_used.labels(*labels).set(gpu.memory_used)
+            self.gpu_memory_total.labels(*labels).set(gpu.memory_total)
 
 
 def init_app(app: Flask, settings: Settings) -> LLMMetrics:
@@ -119,13 +227,16 @@ def init_app(app: Flask, settings: Settings) -> LLMMetrics:
     )
     llm = LLMMetrics.create(registry)
     app.extensions[EXTENSION] = llm
+    llm.workers_expected.set(settings.workers)
     model = settings.model.id
 
     @app.after_request
-    def _count_rejection(response: Response) -> Response:
-        code = g.get("api_error_code")
+    def _count_errors(response: Response) -> Response:
+        code = g.get("request_log", {}).get("error_code")
         if code in REJECTION_CODES:
             llm.rejections.labels(model, code).inc()
+        if response.status_code >= 400:
+            llm.errors.labels(str(response.status_code), code or "unknown").inc()
         return response
 
     return llm

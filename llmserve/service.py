@@ -13,15 +13,18 @@ from functools import cached_property
 from typing import TypeVar
 
 import gevent
+import psutil
 from flask import Flask, current_app
 
 from llmserve.chat_format import ChatFormatError, ChatFormatter, Message, select_template
 from llmserve.engine.engine import Engine, EngineState
 from llmserve.engine.llama_model import Vocabulary
 from llmserve.errors import APIError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from llmserve.gpu import GpuMonitor
 from llmserve.metrics import LLMMetrics
 from llmserve.model_files import resolve_model_path
 from llmserve.settings import Settings
+from llmserve.tenancy import Tenancy, current_principal
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,17 @@ ENGINE_METRICS_INTERVAL = 1.0  # seconds between copies of the engine's state in
 
 
 class ModelService:
-    def __init__(self, settings: Settings, metrics: LLMMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: LLMMetrics, tenancy: Tenancy) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._tenant_names = tuple(tenancy.tenants)
         self.engine = Engine(
             settings.model,
             lambda: resolve_model_path(settings.model, settings.cache_dir),
             queue_size=settings.queue_size,
             queue_timeout=settings.queue_timeout,
+            shares=tenancy.shares(),
+            policy=settings.scheduling,
         )
 
     def init_app(self, app: Flask) -> None:
@@ -48,11 +54,19 @@ class ModelService:
 
     def start(self) -> None:
         self.engine.start()
-        gevent.spawn(self._publish_engine_metrics)
+        gevent.spawn(self._publish_metrics)
 
-    def _publish_engine_metrics(self) -> None:
+    def _publish_metrics(self) -> None:
+        """Copy engine, process and GPU state into the metrics while this worker lives."""
+        self.metrics.workers_alive.set(1)
+        process = psutil.Process()
+        gpus = GpuMonitor()
+        kv_cells = self.settings.model.parallel * self.settings.model.context_length
         while self.engine.alive:
-            self.metrics.publish_engine(self.model_id, self.engine.stats())
+            self.metrics.publish_engine(
+                self.model_id, self.engine.stats(), self.engine.take_steps(), self._tenant_names, kv_cells
+            )
+            self.metrics.publish_process(process.memory_info().rss, gpus.read())
             gevent.sleep(ENGINE_METRICS_INTERVAL)
 
     def stop(self) -> None:
@@ -62,9 +76,16 @@ class ModelService:
     def model_id(self) -> str:
         return self.settings.model.id
 
+    def visible_to_caller(self, model_id: str) -> bool:
+        """Whether the model exists and the calling tenant may use it (it sees no others)."""
+        tenant = current_principal().tenant
+        return model_id == self.model_id and (tenant is None or tenant.may_use(model_id))
+
     def require_model(self, model_id: str) -> None:
-        if model_id != self.model_id:
-            raise ModelNotFound(f"The model `{model_id}` does not exist.", param="model")
+        if not self.visible_to_caller(model_id):
+            raise ModelNotFound(
+                f"The model `{model_id}` does not exist or you do not have access to it.", param="model"
+            )
 
     @property
     def vocab(self) -> Vocabulary:

@@ -9,6 +9,7 @@ see exactly the same settings.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,34 @@ ENV_PREFIX = "LLMSERVE_"
 
 def _default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def _default_state_dir() -> Path:
+    """systemd's ``StateDirectory=`` when run as a unit, else the user's XDG state directory."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "llmserve"
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+TENANT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class TenantSettings(BaseModel):
+    """One tenant's share of the model and its limits; every limit left out is not enforced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(1.0, gt=0, le=1000, description="Share of the model's tokens under contention.")
+    priority: Literal["interactive", "batch"] = Field(
+        "interactive", description="Interactive tenants are served before batch tenants."
+    )
+    requests_per_minute: int | None = Field(None, ge=1, description="Requests per minute.")
+    tokens_per_minute: int | None = Field(None, ge=1, description="Prompt plus completion tokens per minute.")
+    max_running: int | None = Field(None, ge=1, description="Sequences decoding at once.")
+    max_queued: int | None = Field(None, ge=0, description="Requests waiting for a slot.")
+    max_tokens: int | None = Field(None, ge=1, description="Largest max_tokens; also the default.")
+    models: tuple[str, ...] = Field((), description="Model ids this tenant may use; empty: all.")
 
 
 class ModelSettings(BaseModel):
@@ -71,7 +100,48 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(5.0, gt=0, le=300, description="Seconds between SSE keep-alives.")
     watchdog_timeout: float = Field(60.0, gt=0, le=3600, description="Engine stall that fails /healthz.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line; text: for a terminal."
+    )
+    log_prompts: bool = Field(False, description="Log prompts and outputs (off: they may hold personal data).")
     model: ModelSettings = Field(default_factory=ModelSettings, description="The model to serve.")
+    state_dir: Path = Field(
+        default_factory=_default_state_dir, description="Durable state: API keys, the usage ledger."
+    )
+    tenants: dict[str, TenantSettings] = Field(
+        default_factory=dict, description="Tenants by name; none configured: single tenant, no API keys."
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without API keys on a non-loopback address (behind an authenticating proxy)."
+    )
+    scheduling: Literal["fair", "fifo"] = Field(
+        "fair", description="Who gets a free slot: weighted fair share of tokens, or first come first served."
+    )
+    rate_limit_storage: str = Field(
+        "memory://", description="Quota counters: memory:// (per worker) or redis://host:port/db (shared)."
+    )
+    auth_failures_per_minute: int = Field(
+        30, ge=1, le=100_000, description="Failed API-key attempts per client address before 429s."
+    )
+
+    @model_validator(mode="after")
+    def _keys_guard_public_addresses(self) -> Settings:
+        for name in self.tenants:
+            if not re.match(TENANT_NAME, name):
+                raise ValueError(f"tenant name {name!r} must match {TENANT_NAME}")
+        if not self.tenants and self.host not in LOOPBACK_HOSTS and not self.allow_unauthenticated:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and no tenants are configured, so anyone who can "
+                "reach it could use the model. Configure [tenants.NAME] and create keys with "
+                "`llmserve keys create --tenant NAME`, bind to 127.0.0.1, or set allow_unauthenticated = true "
+                "if an authenticating proxy guards the port"
+            )
+        return self
+
+    @property
+    def multi_tenant(self) -> bool:
+        """API keys are required exactly when tenants are configured."""
+        return bool(self.tenants)
 
     @classmethod
     def settings_customise_sources(

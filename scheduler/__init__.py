@@ -6,6 +6,15 @@ for the next job whenever a slot is free, and it is tested alone with a fake clo
 
 from scheduler.clock import Clock, FakeClock, MonotonicClock
 from scheduler.drain import DrainRate
-from scheduler.fifo import FifoScheduler, QueueFullError
+from scheduler.fair import FairScheduler, QueueFullError, TenantQueueFullError, TenantShare
 
-__all__ = ["Clock", "DrainRate", "FakeClock", "FifoScheduler", "MonotonicClock", "QueueFullError"]
+__all__ = [
+    "Clock",
+    "DrainRate",
+    "FairScheduler",
+    "FakeClock",
+    "MonotonicClock",
+    "QueueFullError",
+    "TenantQueueFullError",
+    "TenantShare",
+]

@@ -1,36 +1,40 @@
-"""The FIFO scheduler and the drain-rate estimate, driven by a fake clock."""
+"""First come, first served (the fair scheduler's "fifo" policy) and the drain-rate estimate, with a fake clock."""
 
 import pytest
 
-from scheduler import DrainRate, FakeClock, FifoScheduler, QueueFullError
+from scheduler import Clock, DrainRate, FairScheduler, FakeClock, QueueFullError
+
+
+def fifo(max_queued: int, clock: Clock | None = None) -> FairScheduler[str]:
+    return FairScheduler(clock or FakeClock(), max_queued=max_queued, policy="fifo")
 
 
 def test_jobs_leave_in_arrival_order() -> None:
-    queue: FifoScheduler[str] = FifoScheduler(FakeClock(), max_queued=3)
+    queue = fifo(3)
     for job in ("a", "b", "c"):
-        queue.submit(job, timeout=10)
+        queue.submit(job, tenant="t", timeout=10)
     assert [queue.next(), queue.next(), queue.next(), queue.next()] == ["a", "b", "c", None]
 
 
 def test_a_full_queue_refuses_more() -> None:
-    queue: FifoScheduler[str] = FifoScheduler(FakeClock(), max_queued=1)
-    queue.submit("a", timeout=10)
+    queue = fifo(1)
+    queue.submit("a", tenant="t", timeout=10)
     with pytest.raises(QueueFullError):
-        queue.submit("b", timeout=10)
+        queue.submit("b", tenant="t", timeout=10)
     assert len(queue) == 1
 
 
 def test_zero_capacity_refuses_everything() -> None:
-    queue: FifoScheduler[str] = FifoScheduler(FakeClock(), max_queued=0)
+    queue = fifo(0)
     with pytest.raises(QueueFullError):
-        queue.submit("a", timeout=10)
+        queue.submit("a", tenant="t", timeout=10)
 
 
 def test_jobs_expire_at_their_deadline_only() -> None:
     clock = FakeClock()
-    queue: FifoScheduler[str] = FifoScheduler(clock, max_queued=5)
-    queue.submit("short", timeout=1)
-    queue.submit("long", timeout=5)
+    queue = fifo(5, clock)
+    queue.submit("short", tenant="t", timeout=1)
+    queue.submit("long", tenant="t", timeout=5)
     clock.advance(0.5)
     assert queue.expired() == []
     clock.advance(0.5)
@@ -39,9 +43,9 @@ def test_jobs_expire_at_their_deadline_only() -> None:
 
 
 def test_removed_jobs_are_not_served() -> None:
-    queue: FifoScheduler[str] = FifoScheduler(FakeClock(), max_queued=5)
-    queue.submit("a", timeout=1)
-    queue.submit("b", timeout=1)
+    queue = fifo(5)
+    queue.submit("a", tenant="t", timeout=1)
+    queue.submit("b", tenant="t", timeout=1)
     assert queue.remove("a") is True
     assert queue.remove("a") is False
     assert queue.next() == "b"
@@ -49,16 +53,16 @@ def test_removed_jobs_are_not_served() -> None:
 
 @pytest.mark.parametrize("bad", [-1, 0])
 def test_bad_timeouts_are_named(bad: float) -> None:
-    queue: FifoScheduler[str] = FifoScheduler(FakeClock(), max_queued=5)
+    queue = fifo(5)
     with pytest.raises(ValueError, match=repr(bad)):
-        queue.submit("a", timeout=bad)
+        queue.submit("a", tenant="t", timeout=bad)
 
 
 def test_the_same_job_cannot_wait_twice() -> None:
-    queue: FifoScheduler[str] = FifoScheduler(FakeClock(), max_queued=5)
-    queue.submit("a", timeout=1)
+    queue = fifo(5)
+    queue.submit("a", tenant="t", timeout=1)
     with pytest.raises(ValueError, match="already queued"):
-        queue.submit("a", timeout=1)
+        queue.submit("a", tenant="t", timeout=1)
 
 
 def test_retry_after_follows_the_measured_drain_rate() -> None:

@@ -1,12 +1,21 @@
-"""The HTTP API: OpenAI-compatible endpoints plus health probes."""
+"""The HTTP API: OpenAI-compatible endpoints, tenant views and health probes."""
 
 from __future__ import annotations
 
 from flask import Flask
 
-from llmserve.api import chat, completions, embeddings, health, models
+from llmserve.api import chat, completions, embeddings, health, models, tenants
+from llmserve.quotas import Quotas
+from llmserve.tenancy import require_tenant
+
+# Endpoints that use the model count against a tenant's requests per minute.
+METERED = (completions.blueprint, chat.blueprint, embeddings.blueprint)
+for _blueprint in METERED:
+    _blueprint.before_request(require_tenant)  # an admin key is refused before any work is done
 
 
-def init_app(app: Flask) -> None:
-    for module in (models, completions, chat, embeddings, health):
+def init_app(app: Flask, quotas: Quotas) -> None:
+    for blueprint in METERED:
+        quotas.requests(blueprint)
+    for module in (models, completions, chat, embeddings, tenants, health):
         app.register_blueprint(module.blueprint)

@@ -8,12 +8,14 @@ import numpy as np
 from flask import Blueprint, Response, g, jsonify
 
 from llmserve.api.request import parse_body
-from llmserve.api.runner import Usage, rejection_error
+from llmserve.api.runner import rejection_error
 from llmserve.api.schemas import EmbeddingRequest
 from llmserve.engine.jobs import Embeddings, EmbeddingSpec, Finished, FinishReason, Job, Rejected
 from llmserve.engine.stream import EventStream
 from llmserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, QueueTimeout
-from llmserve.service import current_service
+from llmserve.quotas import current_quotas
+from llmserve.service import ModelService, current_service
+from llmserve.tenancy import current_tenant
 
 blueprint = Blueprint("embeddings", __name__)
 
@@ -44,9 +46,15 @@ def create_embeddings() -> Response:
         if not all(vocab.is_valid(t) for t in tokens):
             raise InvalidRequest(f"input {number} holds a token id outside the vocabulary", param="input")
         inputs.append(tuple(tokens))
-    vectors = _run(service, EmbeddingSpec(tuple(inputs)))
     prompt_tokens = sum(len(tokens) for tokens in inputs)
-    g.usage = Usage(prompt_tokens=prompt_tokens)
+    tenant = current_tenant()
+    reservation = current_quotas().reserve_tokens(tenant, prompt_tokens)
+    try:
+        vectors = _run(service, EmbeddingSpec(tuple(inputs)), tenant.name)
+    except BaseException:
+        current_quotas().settle(reservation, 0)
+        raise
+    g.request_log.update(tenant=tenant.name, model=service.model_id, prompt_tokens=prompt_tokens)
     return jsonify(
         {
             "object": "list",
@@ -60,9 +68,9 @@ def create_embeddings() -> Response:
     )
 
 
-def _run(service, spec: EmbeddingSpec) -> tuple[np.ndarray, ...]:
+def _run(service: ModelService, spec: EmbeddingSpec, tenant: str) -> tuple[np.ndarray, ...]:
     stream = EventStream()
-    job = Job(spec, stream.sink(0))
+    job = Job(spec, stream.sink(0), tenant)
     service.engine.submit(job)
     vectors: tuple[np.ndarray, ...] | None = None
     try:

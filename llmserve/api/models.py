@@ -20,7 +20,9 @@ def _model_card(service: ModelService) -> dict[str, Any]:
 
 @blueprint.get("/v1/models")
 def list_models() -> Response:
-    return jsonify({"object": "list", "data": [_model_card(current_service())]})
+    service = current_service()
+    visible = [_model_card(service)] if service.visible_to_caller(service.model_id) else []
+    return jsonify({"object": "list", "data": visible})
 
 
 @blueprint.get("/v1/models/<path:model_id>")

@@ -23,7 +23,9 @@ from llmserve.api.runner import Choice, GenerationRun, Update
 from llmserve.api.schemas import GenerationRequest
 from llmserve.engine.jobs import GenerationSpec, SamplingParams
 from llmserve.errors import ContextLengthExceeded, InvalidRequest, UnsupportedMediaType, from_validation_error
+from llmserve.quotas import current_quotas
 from llmserve.service import ModelService
+from llmserve.tenancy import current_tenant
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -102,6 +104,14 @@ def build_choices(
         )
     sampling = sampling_params(body, service.vocab.size)
     context_length = service.settings.model.context_length
+    cap = current_tenant().limits.max_tokens
+    if cap is not None:
+        if requested is not None and requested > cap:
+            raise InvalidRequest(
+                f"max_tokens is {requested}, and your organization may ask for at most {cap} per request.",
+                param="max_tokens",
+            )
+        default_max_tokens = min(default_max_tokens or cap, cap)
     choices: list[Choice] = []
     for prompt_index, prompt in enumerate(prompts):
         budget = output_budget(len(prompt), requested, context_length, default_max_tokens)
@@ -136,29 +146,40 @@ def respond(
     renderer: Renderer,
     response_id: str,
 ) -> Response:
-    """Run the choices on the engine, then answer with one JSON body or an SSE stream."""
+    """Run the choices on the engine, then answer with one JSON body or an SSE stream.
+
+    The tenant's token quota is reserved for the prompt and every choice's ``max_tokens`` before anything
+    is queued; what the response did not use is given back when it is complete, or all of it if the
+    request never got a slot.
+    """
     settings = service.settings
+    tenant = current_tenant()
+    quotas = current_quotas()
     run = GenerationRun(
         service.engine,
         choices,
+        tenant=tenant.name,
         heartbeat=settings.heartbeat_interval,
         admission_timeout=settings.queue_timeout + 5,
         client_gone=ClientWatch(request.environ).gone,
     )
+    reservation = quotas.reserve_tokens(tenant, run.usage.prompt_tokens + sum(c.spec.max_tokens for c in choices))
     try:
         run.admit()
     except BaseException:
         run.close()
+        quotas.settle(reservation, 0)
         raise
     started = g.get("started", time.monotonic())
 
     def finish() -> None:
         run.close()
-        service.metrics.record_request(service.model_id, run.usage, started, run.first_token_at, time.monotonic())
+        quotas.settle(reservation, run.usage.prompt_tokens + run.usage.completion_tokens)
+        service.metrics.record_request(service.model_id, tenant.name, run, started, time.monotonic())
+        g.request_log.update(_log_fields(service, run, choices, started, tenant.name))
 
     created = int(time.time())
     envelope = {"id": response_id, "created": created, "model": service.model_id}
-    g.usage = run.usage
     if body.stream:
         chunk_envelope = {**envelope, "object": renderer.chunk_object_name}
         return sse.stream_response(_stream_chunks(run, renderer, chunk_envelope, body.include_usage), finish)
@@ -176,6 +197,31 @@ def respond(
         for i, (texts, logprobs) in sorted(collected.items())
     ]
     return jsonify({**envelope, "object": renderer.object_name, "choices": final, "usage": run.usage.as_dict()})
+
+
+def _milliseconds(start: float, end: float | None) -> float | None:
+    return None if end is None else round((end - start) * 1000, 1)
+
+
+def _log_fields(
+    service: ModelService, run: GenerationRun, choices: list[Choice], started: float, tenant: str
+) -> dict[str, Any]:
+    """The request log's view of a finished generation; prompt and output text only if so configured."""
+    fields: dict[str, Any] = {
+        "tenant": tenant,
+        "model": service.model_id,
+        "prompt_tokens": run.usage.prompt_tokens,
+        "completion_tokens": run.usage.completion_tokens,
+        "cached_tokens": run.usage.cached_tokens,
+        "queue_ms": _milliseconds(started, run.admitted_at),
+        "ttft_ms": _milliseconds(started, run.first_token_at),
+        "finish_reason": ",".join(run.finish_reasons.get(c.index, run.cancelled_by or "error") for c in choices),
+    }
+    if service.settings.log_prompts:
+        prompts = {choice.prompt_index: choice.spec.prompt for choice in choices}
+        fields["prompt"] = [service.vocab.detokenize(list(prompt)) for prompt in prompts.values()]
+        fields["output"] = run.outputs
+    return fields
 
 
 def _stream_chunks(

@@ -26,7 +26,15 @@ from llmserve.engine.jobs import (
     Token,
 )
 from llmserve.engine.stream import EventStream
-from llmserve.errors import ClientDisconnected, EngineFailure, QueueFull, QueueTimeout, ServiceUnavailable
+from llmserve.errors import (
+    APIError,
+    ClientDisconnected,
+    EngineFailure,
+    QueueFull,
+    QueueTimeout,
+    RateLimited,
+    ServiceUnavailable,
+)
 
 POLL_INTERVAL = 1.0  # seconds between checks that a silent client is still connected
 
@@ -61,7 +69,14 @@ class Usage:
         }
 
 
-def rejection_error(event: Rejected) -> ServiceUnavailable:
+def rejection_error(event: Rejected) -> APIError:
+    if event.reason is RejectReason.TENANT_QUEUE_FULL:
+        return RateLimited(
+            "Your organization has as many requests waiting as its limit allows; retry later.",
+            kind="requests",
+            retry_after=event.retry_after,
+            code="tenant_queue_full",
+        )
     if event.reason is RejectReason.QUEUE_FULL:
         return QueueFull("All slots are busy and the queue is full; retry later.", retry_after=event.retry_after)
     if event.reason is RejectReason.QUEUE_TIMEOUT:
@@ -81,6 +96,7 @@ class GenerationRun:
         engine: Engine,
         choices: list[Choice],
         *,
+        tenant: str,
         heartbeat: float,
         admission_timeout: float,
         client_gone: Callable[[], bool] = lambda: False,
@@ -92,16 +108,21 @@ class GenerationRun:
         self._stream = EventStream()
         self._heartbeat = heartbeat
         self._admission_timeout = admission_timeout
-        self._jobs = [Job(choice.spec, self._stream.sink(i)) for i, choice in enumerate(choices)]
+        self._jobs = [Job(choice.spec, self._stream.sink(i), tenant) for i, choice in enumerate(choices)]
         self._choices = choices
         self._texts = [TextAssembler(engine.vocab.piece, choice.stop) for choice in choices]
+        self._pieces: list[list[str]] = [[] for _ in choices]
         self._open = set(range(len(choices)))
         self._early: list[tuple[int, object]] = []
         self._cached = [0] * len(choices)
         prompts = {choice.prompt_index: len(choice.spec.prompt) for choice in choices}
         self.usage = Usage(prompt_tokens=sum(prompts.values()))
         self.finish_reasons: dict[int, str] = {}
+        self.admitted_at: float | None = None
         self.first_token_at: float | None = None
+        self._last_token_at: dict[int, float] = {}
+        self.token_gaps: list[float] = []  # seconds between consecutive tokens of a choice, as delivered
+        self.cancelled_by: str | None = None  # why generation ended early: client_disconnected, shutting_down
 
     def admit(self) -> None:
         """Submit every job and wait until all hold a slot; raise a 503 error if any is refused."""
@@ -123,6 +144,7 @@ class GenerationRun:
                 self._count_cached(tag, event.cached_tokens)
             else:
                 self._early.append(item)
+        self.admitted_at = time.monotonic()
 
     def _count_cached(self, tag: int, tokens: int) -> None:
         """A prompt counts as cached as far as every choice of it found it cached: the choice that
@@ -147,7 +169,13 @@ class GenerationRun:
                 continue  # tokens a stopped sequence produced before the engine saw the cancel
             update = self._apply(tag, event)
             if update is not None:
+                self._pieces[tag].append(update.delta.text)
                 yield update
+
+    @property
+    def outputs(self) -> list[str]:
+        """The text of each choice so far."""
+        return ["".join(pieces) for pieces in self._pieces]
 
     def _next(self, timeout: float) -> tuple[int, object] | None:
         """The next event, or None after ``timeout`` quiet seconds; raises once the client has left
@@ -168,8 +196,12 @@ class GenerationRun:
     def _apply(self, tag: int, event: object) -> Update | None:
         text = self._texts[tag]
         if isinstance(event, Token):
+            now = time.monotonic()
             if self.first_token_at is None:
-                self.first_token_at = time.monotonic()
+                self.first_token_at = now
+            if tag in self._last_token_at:
+                self.token_gaps.append(now - self._last_token_at[tag])
+            self._last_token_at[tag] = now
             delta = text.add(event.token, event.logprob)
             if text.stopped:
                 self._engine.cancel(self._jobs[tag], FinishReason.STOP)
@@ -182,7 +214,9 @@ class GenerationRun:
             if event.reason in (FinishReason.STOP, FinishReason.LENGTH):
                 return self._finish(tag, text.finish(), event.reason)
             if event.reason is FinishReason.CANCELLED:
+                self.cancelled_by = "shutting_down"
                 raise _shutting_down()  # nobody here cancelled it: the engine is stopping
+            self.cancelled_by = "engine_error"
             raise EngineFailure("The engine stopped this generation; retry the request.")
         if isinstance(event, Rejected):
             raise rejection_error(event)
@@ -195,6 +229,8 @@ class GenerationRun:
         return Update(tag, delta, reason.value)
 
     def close(self) -> None:
+        if self._open and self.cancelled_by is None:
+            self.cancelled_by = "client_disconnected"  # the response was abandoned before every choice ended
         for tag in self._open:
             self._engine.cancel(self._jobs[tag])
         self._open.clear()

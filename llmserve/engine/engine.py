@@ -12,7 +12,7 @@ from __future__ import annotations
 import _queue
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -36,9 +36,10 @@ from llmserve.engine.jobs import (
 )
 from llmserve.engine.llama_model import LlamaContext, LlamaModel, Vocabulary
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
-from llmserve.engine.stats import EngineStats, StatsRecorder
+from llmserve.engine.stats import EngineStats, StatsRecorder, StepSample, TenantLoad
 from llmserve.settings import ModelSettings
-from scheduler import DrainRate, FifoScheduler, MonotonicClock, QueueFullError
+from scheduler import DrainRate, FairScheduler, MonotonicClock, QueueFullError, TenantQueueFullError, TenantShare
+from scheduler.fair import Policy
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +107,18 @@ class Engine:
         *,
         queue_size: int,
         queue_timeout: float,
+        shares: Mapping[str, TenantShare],
+        policy: Policy = "fair",
     ) -> None:
         self.settings = model_settings
         self._model_path = model_path  # resolved on the engine thread: assembling a GGUF takes seconds
         self._queue_timeout = queue_timeout
         self._inbox: _queue.SimpleQueue[Job | None] = _queue.SimpleQueue()
-        clock = MonotonicClock()
-        self._scheduler: FifoScheduler[Job] = FifoScheduler(clock, max_queued=queue_size)
-        self._drain = DrainRate(clock)
+        self._clock = MonotonicClock()
+        self._scheduler: FairScheduler[Job] = FairScheduler(self._clock, max_queued=queue_size, policy=policy)
+        self._scheduler.configure(shares)
+        self._drain = DrainRate(self._clock)
+        self._tenant_drain: dict[str, DrainRate] = {}
         self._slots = [Slot(i) for i in range(model_settings.parallel)]
         self._stats = StatsRecorder(model_settings.parallel)
         self._embed_queue: list[Job] = []
@@ -164,6 +169,10 @@ class Engine:
 
     def stats(self) -> EngineStats:
         return self._stats.snapshot
+
+    def take_steps(self) -> list[StepSample]:
+        """Decode steps (duration, batch size) since the last call, for the metrics."""
+        return self._stats.take_steps()
 
     # -- the engine thread ---------------------------------------------------------------------------
 
@@ -241,6 +250,10 @@ class Engine:
                 kv_cells=sum(len(slot.cached) for slot in self._slots),
                 queued=len(self._scheduler),
                 jobs_per_second=self._drain.per_second,
+                tenants={
+                    tenant: TenantLoad(self._scheduler.running(tenant), self._scheduler.queued(tenant), counter)
+                    for tenant, counter in self._scheduler.counters().items()
+                },
             )
 
     def _take_inbox(self, context: LlamaContext, *, block: bool) -> None:
@@ -261,10 +274,21 @@ class Engine:
             self._embed_queue.append(job)
             return
         try:
-            self._scheduler.submit(job, timeout=self._queue_timeout)
+            self._scheduler.submit(job, tenant=job.tenant, timeout=self._queue_timeout)
+        except TenantQueueFullError:
+            self._stats.rejected += 1
+            waiting = self._scheduler.queued(job.tenant)
+            job.sink.push(Rejected(RejectReason.TENANT_QUEUE_FULL, self._drain_of(job.tenant).retry_after(waiting)))
         except QueueFullError:
             self._stats.rejected += 1
             job.sink.push(Rejected(RejectReason.QUEUE_FULL, self._drain.retry_after(len(self._scheduler))))
+
+    def _drain_of(self, tenant: str) -> DrainRate:
+        """How fast this tenant's jobs finish: its queue drains at its share of the engine, not all of it."""
+        drain = self._tenant_drain.get(tenant)
+        if drain is None:
+            drain = self._tenant_drain[tenant] = DrainRate(self._clock)
+        return drain
 
     def _drop_cancelled_and_expired(self) -> None:
         for job in self._scheduler.jobs():
@@ -301,6 +325,9 @@ class Engine:
             assert self.vocab is not None
             slot.sampler = None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
             self._stats.cached_prompt_tokens += reuse
+            # Charged now rather than as it is decoded, so that slots freed together are not all given to
+            # one tenant before its prompt shows in its counter. Reused tokens cost nothing to compute.
+            self._scheduler.charge(job, prompt_tokens=len(spec.prompt) - reuse)
             job.sink.push(Admitted(cached_tokens=reuse))
             donor, shared = self._best_donor(slot)
             if shared >= reuse + MIN_SHARED_PREFIX:
@@ -394,6 +421,7 @@ class Engine:
         slot.generated += 1
         slot.next_token = token
         self._stats.generated_tokens += 1
+        self._scheduler.charge(slot.job, generated_tokens=1)
         slot.job.sink.push(Token(token, logprob))
         if self.vocab.is_end_of_generation(token):
             self._retire(slot, FinishReason.STOP)
@@ -405,7 +433,9 @@ class Engine:
         slot.job.sink.push(Finished(reason))
         if reason is FinishReason.CANCELLED:
             self._stats.cancelled += 1
+        self._scheduler.release(slot.job)
         self._drain.record_finished()
+        self._drain_of(slot.job.tenant).record_finished()
         if slot.sampler is not None:
             slot.sampler.close()
         slot.job, slot.spec, slot.sampler, slot.output_index, slot.donor = None, None, None, -1, None

@@ -76,6 +76,7 @@ class EmbeddingSpec:
 
 class RejectReason(StrEnum):
     QUEUE_FULL = "queue_full"
+    TENANT_QUEUE_FULL = "tenant_queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
     SHUTTING_DOWN = "shutting_down"
 
@@ -149,6 +150,7 @@ class Job:
 
     spec: GenerationSpec | EmbeddingSpec
     sink: EventSink
+    tenant: str = "default"
     id: int = field(default_factory=lambda: next(_job_ids))
     stop_reason: FinishReason | None = None
 

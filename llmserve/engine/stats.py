@@ -6,7 +6,25 @@ half-updated set of numbers and never take a lock the engine holds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections import deque
+from dataclasses import dataclass, field, fields
+
+# Steps are kept for the metrics until the publisher takes them (about once a second); a stalled
+# publisher loses the oldest, never memory.
+STEP_HISTORY = 4096
+
+
+@dataclass(frozen=True)
+class TenantLoad:
+    running: int
+    queued: int
+    counter: float  # the fair-share scheduler's virtual token counter
+
+
+@dataclass(frozen=True)
+class StepSample:
+    seconds: float
+    batch_tokens: int
 
 
 @dataclass(frozen=True)
@@ -28,6 +46,7 @@ class EngineStats:
     rejected: int = 0
     jobs_per_second: float = 0.0
     model_load_seconds: float = 0.0
+    tenants: dict[str, TenantLoad] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,16 +68,35 @@ class StatsRecorder:
 
     def __post_init__(self) -> None:
         self.snapshot = EngineStats(slots_total=self.slots_total)
+        # Appended on the engine thread, popped on the hub: deque's append and popleft are atomic.
+        self.recent_steps: deque[StepSample] = deque(maxlen=STEP_HISTORY)
 
     def record_step(self, seconds: float, batch_tokens: int) -> None:
         self.steps += 1
         self.last_step_seconds = seconds
         self.last_batch_tokens = batch_tokens
+        self.recent_steps.append(StepSample(seconds, batch_tokens))
         if seconds > 0:
             # Smoothed over roughly the last 20 steps.
             self.tokens_per_second += (batch_tokens / seconds - self.tokens_per_second) / 20
 
-    def publish(self, *, busy: int, prefilling: int, kv_cells: int, queued: int, jobs_per_second: float) -> None:
+    def take_steps(self) -> list[StepSample]:
+        """The steps recorded since the last call (hub side)."""
+        taken = []
+        while self.recent_steps:
+            taken.append(self.recent_steps.popleft())
+        return taken
+
+    def publish(
+        self,
+        *,
+        busy: int,
+        prefilling: int,
+        kv_cells: int,
+        queued: int,
+        jobs_per_second: float,
+        tenants: dict[str, TenantLoad],
+    ) -> None:
         self.snapshot = EngineStats(
             **{counter.name: getattr(self, counter.name) for counter in fields(self)},
             slots_busy=busy,
@@ -66,4 +104,5 @@ class StatsRecorder:
             queued=queued,
             kv_cells_used=kv_cells,
             jobs_per_second=jobs_per_second,
+            tenants=tenants,
         )

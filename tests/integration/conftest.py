@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -20,6 +21,27 @@ import pytest
 MODEL = "gemma-3-270m"
 STARTUP_TIMEOUT = 180.0
 LLMSERVE = str(Path(sys.executable).parent / "llmserve")
+NO_EOS = {"1": -100, "106": -100}  # the embedded model's end-of-generation tokens, banned
+
+
+def long_stream_body(max_tokens: int) -> dict[str, Any]:
+    """A streamed completion that runs for exactly ``max_tokens`` tokens."""
+    return {
+        "model": MODEL,
+        "prompt": "Tell me a story.",
+        "max_tokens": max_tokens,
+        "stream": True,
+        "logit_bias": NO_EOS,
+    }
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def free_port() -> int:
@@ -48,11 +70,15 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def start_server(directory: Path, **settings: str) -> Server:
+def start_server(directory: Path, config: str | None = None, **settings: str) -> Server:
+    """A server whose state lives in ``directory``; ``config`` is TOML for its settings file."""
     port = free_port()
     log = directory / "server.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
-    env.update({"LLMSERVE_PORT": str(port)})
+    env.update({"LLMSERVE_PORT": str(port), "LLMSERVE_STATE_DIR": str(directory / "state")})
+    if config is not None:
+        (directory / "llmserve.toml").write_text(config)
+        env["LLMSERVE_CONFIG"] = str(directory / "llmserve.toml")
     env.update({f"LLMSERVE_{key.upper()}": value for key, value in settings.items()})
     with log.open("wb") as output:
         process = subprocess.Popen([LLMSERVE, "serve"], env=env, stdout=output, stderr=subprocess.STDOUT)

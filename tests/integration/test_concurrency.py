@@ -9,11 +9,9 @@ from typing import Any
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL
+from tests.integration.conftest import MODEL, NO_EOS
 
 pytestmark = pytest.mark.slow
-
-NO_EOS = {"1": -100, "106": -100}
 
 
 def stream_text(client: openai.OpenAI, request: dict[str, Any]) -> tuple[str, str | None, int]:

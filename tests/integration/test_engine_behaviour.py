@@ -13,30 +13,9 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL, Server, start_server, stop_server
+from tests.integration.conftest import MODEL, NO_EOS, Server, long_stream_body, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.slow
-
-NO_EOS = {"1": -100, "106": -100}
-
-
-def long_stream_body(max_tokens: int) -> dict:
-    return {
-        "model": MODEL,
-        "prompt": "Tell me a story.",
-        "max_tokens": max_tokens,
-        "stream": True,
-        "logit_bias": NO_EOS,
-    }
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_the_engine_runs_on_its_own_native_thread(server: Server) -> None:

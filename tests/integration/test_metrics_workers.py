@@ -12,17 +12,16 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL, Server, start_server, stop_server
+from tests.integration.conftest import MODEL, NO_EOS, Server, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
-NO_EOS = {"1": -100, "106": -100}
-
 
 def sample(server: Server, name: str) -> float:
+    """The series' value for the model, summed over its other labels (tenants)."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    match = re.search(rf'^{name}{{model="{MODEL}"}} (\S+)$', text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    values = re.findall(rf'^{name}{{[^}}]*model="{MODEL}"[^}}]*}} (\S+)$', text, re.MULTILINE)
+    return sum(float(value) for value in values)
 
 
 def settles(server: Server, name: str, expected: float, timeout: float = 30.0) -> bool:

@@ -10,12 +10,11 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL, Server
+from tests.integration.conftest import MODEL, NO_EOS, Server
 
 pytestmark = pytest.mark.slow
 
 # Gemma 3's end-of-generation tokens (<eos>, <end_of_turn>): banned to get exactly max_tokens tokens.
-NO_EOS = {"1": -100, "106": -100}
 
 
 def test_models_are_listed_and_retrieved(client: openai.OpenAI) -> None:

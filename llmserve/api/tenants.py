@@ -1,0 +1,39 @@
+"""GET /v1/tenants/me (a tenant's own limits and usage) and GET /v1/tenants (all of them, admin only).
+
+Running and queued counts are this worker's engine; quota counts are shared when quotas live in Redis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from llmserve.quotas import current_quotas
+from llmserve.service import current_service
+from llmserve.tenancy import Tenant, current_tenancy, current_tenant, require_admin
+
+blueprint = Blueprint("tenants", __name__)
+
+
+def _view(tenant: Tenant) -> dict[str, Any]:
+    load = current_service().engine.stats().tenants.get(tenant.name)
+    return {
+        "object": "tenant",
+        "id": tenant.name,
+        **tenant.limits.model_dump(mode="json"),
+        "running": load.running if load else 0,
+        "queued": load.queued if load else 0,
+        "quota_remaining": current_quotas().remaining(tenant),
+    }
+
+
+@blueprint.get("/v1/tenants/me")
+def my_tenant() -> Response:
+    return jsonify(_view(current_tenant()))
+
+
+@blueprint.get("/v1/tenants")
+def list_tenants() -> Response:
+    require_admin()
+    return jsonify({"object": "list", "data": [_view(tenant) for tenant in current_tenancy().tenants.values()]})

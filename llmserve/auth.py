@@ -1,0 +1,59 @@
+"""Authentication: every request but the probes and ``/metrics`` gets a principal, or a 401.
+
+Keys are accepted as ``Authorization: Bearer KEY`` (what the OpenAI SDKs send) and as ``x-api-key``.
+The hook runs before flask-limiter's, so the request quotas are counted against the tenant it found.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, g, request
+
+from llmserve.errors import AuthenticationFailed, RateLimited
+from llmserve.quotas import current_quotas
+from llmserve.tenancy import current_tenancy
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def presented_key() -> str | None:
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key") or None
+
+
+def _masked(key: str) -> str:
+    return f"{key[:8]}***{key[-4:]}" if len(key) > 16 else "***"
+
+
+def authenticate() -> None:
+    if request.path in OPEN_PATHS:
+        return
+    tenancy = current_tenancy()
+    if tenancy.keyless is not None:
+        g.principal = tenancy.keyless
+        return
+    key = presented_key()
+    if key is None:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it in an Authorization header using Bearer auth "
+            "(Authorization: Bearer YOUR_KEY) or in an x-api-key header.",
+            code="missing_api_key",
+        )
+    principal = tenancy.principal_for(key)
+    if principal is None:
+        wait = current_quotas().authentication_failed()
+        if wait is not None:
+            raise RateLimited(
+                "Too many requests with invalid API keys from this address; try again later.",
+                kind="requests",
+                retry_after=wait,
+                code="too_many_failed_authentications",
+            )
+        raise AuthenticationFailed(f"Incorrect API key provided: {_masked(key)}.")
+    g.principal = principal
+
+
+def init_app(app: Flask) -> None:
+    """Register the hook; call before the quotas' ``init_app`` so it runs first."""
+    app.before_request(authenticate)

@@ -1,0 +1,109 @@
+"""Tenants and who is calling: the configured tenants, their API keys, and the principal of a request.
+
+With no tenants configured the server is single-tenant: every request belongs to the ``default`` tenant
+and needs no key (settings allow that only on loopback, or when told a proxy authenticates). With tenants
+configured every request except the probes and ``/metrics`` needs a key; an admin key manages the server
+and cannot generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, current_app, g
+
+from llmserve.errors import PermissionDenied
+from llmserve.keys import KeyStore
+from llmserve.settings import Settings, TenantSettings
+from scheduler import TenantShare
+
+EXTENSION = "llmserve.tenancy"
+DEFAULT_TENANT = "default"
+PRIORITY_CLASSES = {"interactive": 0, "batch": 1}
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    limits: TenantSettings
+
+    def share(self) -> TenantShare:
+        """What the scheduler needs to know about this tenant."""
+        return TenantShare(
+            weight=self.limits.weight,
+            priority=PRIORITY_CLASSES[self.limits.priority],
+            max_running=self.limits.max_running,
+            max_queued=self.limits.max_queued,
+        )
+
+    def may_use(self, model_id: str) -> bool:
+        return not self.limits.models or model_id in self.limits.models
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent the request: a tenant (through one of its keys, or implicitly), or the administrator."""
+
+    tenant: Tenant | None
+    key_id: str | None = None
+
+    anonymous: bool = False
+
+    @property
+    def admin(self) -> bool:
+        return self.tenant is None or self.anonymous
+
+
+class Tenancy:
+    def __init__(self, settings: Settings) -> None:
+        self.keys_required = settings.multi_tenant
+        configured = settings.tenants or {DEFAULT_TENANT: TenantSettings()}
+        self.tenants = {name: Tenant(name, limits) for name, limits in configured.items()}
+        self.keys = KeyStore(settings.state_dir)
+        # Without tenants every caller is the default tenant, and may also use the admin endpoints.
+        self.keyless = Principal(self.tenants[DEFAULT_TENANT], anonymous=True) if not self.keys_required else None
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions[EXTENSION] = self
+
+    def shares(self) -> dict[str, TenantShare]:
+        return {name: tenant.share() for name, tenant in self.tenants.items()}
+
+    def principal_for(self, presented: str) -> Principal | None:
+        """The principal owning key ``presented``; None for an unknown or revoked key, or a key whose
+        tenant is no longer configured."""
+        record = self.keys.authenticate(presented)
+        if record is None:
+            return None
+        if record.admin:
+            return Principal(None, record.id)
+        tenant = self.tenants.get(record.tenant or "")
+        return Principal(tenant, record.id) if tenant is not None else None
+
+
+def current_tenancy() -> Tenancy:
+    tenancy: Tenancy = current_app.extensions[EXTENSION]
+    return tenancy
+
+
+def current_principal() -> Principal:
+    """The request's principal, set by the authentication hook before any endpoint runs."""
+    principal: Principal = g.principal
+    return principal
+
+
+def current_tenant() -> Tenant:
+    """The tenant that model work is done for; admin keys manage the server and do not generate."""
+    tenant = current_principal().tenant
+    if tenant is None:
+        raise PermissionDenied("Admin keys cannot use the model; use a tenant's key.")
+    return tenant
+
+
+def require_tenant() -> None:
+    current_tenant()
+
+
+def require_admin() -> None:
+    if not current_principal().admin:
+        raise PermissionDenied("This endpoint needs the admin key.")
