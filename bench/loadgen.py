@@ -76,11 +76,21 @@ class RequestResult:
     index: int
     ok: bool = False
     error: str | None = None
+    started_s: float = 0.0  # time.perf_counter() when the request was sent
     ttft_s: float | None = None
     e2e_s: float | None = None
     content_chunks: int = 0
     usage_tokens: int | None = None
     itls_s: list[float] = field(default_factory=list)
+
+    def token_times(self) -> list[float]:
+        """perf_counter() time at which each content chunk arrived."""
+        if self.ttft_s is None:
+            return []
+        times = [self.started_s + self.ttft_s]
+        for gap in self.itls_s:
+            times.append(times[-1] + gap)
+        return times
 
     @property
     def tokens(self) -> int:
@@ -155,7 +165,7 @@ def stream_completion(client: httpx.Client, cfg: LoadConfig, index: int, abort: 
     max_events = 4 * cfg.max_tokens + 64
     events = 0
     last: float | None = None
-    t0 = time.perf_counter()
+    t0 = res.started_s = time.perf_counter()
     try:
         with client.stream("POST", "/v1/completions", json=payload) as resp:
             if resp.status_code != 200:

@@ -70,7 +70,7 @@ class RateLimited(APIError):
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, kind: str, retry_after: float, code: str | None = None) -> None:
+    def __init__(self, message: str, *, kind: str, retry_after: float | None, code: str | None = None) -> None:
         super().__init__(message, retry_after=retry_after, code=code)
         self.type = kind
 

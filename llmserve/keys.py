@@ -67,16 +67,18 @@ class KeyStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / KEYS_FILE
         self._keys: dict[str, ApiKey] = {}
-        self._loaded_stamp: tuple[int, int] | None = None
+        self._loaded_stamp: tuple[int, ...] | None = None
 
     # -- reading (workers) -------------------------------------------------------------------------
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def _stamp(self) -> tuple[int, ...] | None:
+        """Changes with every write: each one replaces the file, so the inode changes even within one
+        tick of the file system's clock."""
         try:
             status = self.path.stat()
         except FileNotFoundError:
             return None
-        return status.st_mtime_ns, status.st_size
+        return status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size
 
     def _refresh(self) -> None:
         stamp = self._stamp()

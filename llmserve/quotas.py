@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flask import Flask, Response, current_app, g, request
@@ -104,6 +106,14 @@ class Quotas:
                 response.headers.extend(self._headers_for(principal.tenant))
             return response
 
+    @contextmanager
+    def _storage_outage_allowed(self, what: str) -> Iterator[None]:
+        """Quotas fail open: while their storage (Redis) is unreachable, requests are served uncounted."""
+        try:
+            yield
+        except self.limiter.storage.base_exceptions as exc:
+            log.warning("quota storage unavailable, %s skipped: %s", what, exc)
+
     def _headers_for(self, tenant: Tenant) -> dict[str, str]:
         headers: dict[str, str] = {}
         current = self.limiter.current_limit
@@ -113,52 +123,71 @@ class Quotas:
             headers["x-ratelimit-reset-requests"] = f"{math.ceil(_seconds_until(current.reset_at))}s"
         if tenant.limits.tokens_per_minute is not None:
             item = RateLimitItemPerMinute(tenant.limits.tokens_per_minute)
-            stats = self.limiter.limiter.get_window_stats(item, KEY_PREFIX, "tokens", tenant.name)
-            headers["x-ratelimit-limit-tokens"] = str(item.amount)
-            headers["x-ratelimit-remaining-tokens"] = str(stats.remaining)
-            headers["x-ratelimit-reset-tokens"] = f"{math.ceil(_seconds_until(stats.reset_time))}s"
+            with self._storage_outage_allowed("token headers"):
+                stats = self.limiter.limiter.get_window_stats(item, *_token_key(tenant.name))
+                headers["x-ratelimit-limit-tokens"] = str(item.amount)
+                headers["x-ratelimit-remaining-tokens"] = str(stats.remaining)
+                headers["x-ratelimit-reset-tokens"] = f"{math.ceil(_seconds_until(stats.reset_time))}s"
         return headers
 
-    def reserve_tokens(self, tenant: Tenant, amount: int) -> TokenReservation | None:
-        """Set aside ``amount`` tokens of the tenant's per-minute quota, or raise a 429 saying when they
-        will be there. None when the tenant has no token quota."""
+    def reserve_tokens(self, tenant: Tenant, wanted: int, needed: int) -> TokenReservation | None:
+        """Set aside tokens of the tenant's per-minute quota before the request is queued, or raise a 429
+        saying when they will be there. None when the tenant has no token quota.
+
+        ``wanted`` is the prompt plus every choice's ``max_tokens``; ``needed`` the least the request can
+        run with (its prompt plus one token per choice). A request may want more than a whole minute's
+        quota (``max_tokens`` left to default to the context); it then reserves the whole quota and pays
+        the rest when it settles. Only one that needs more can never run, and gets no Retry-After.
+        """
         limit = tenant.limits.tokens_per_minute
         if limit is None:
             return None
+        if needed > limit:
+            raise RateLimited(
+                f"Request too large for tokens per minute: limit {limit}, the prompt alone needs {needed}. "
+                "Reduce the prompt.",
+                kind="tokens",
+                retry_after=None,
+            )
+        amount = min(wanted, limit)
         item = RateLimitItemPerMinute(limit)
         strategy = self.limiter.limiter
-        if amount > limit:
-            raise RateLimited(
-                f"Request too large for tokens per minute: limit {limit}, requested {amount} (prompt tokens plus "
-                "max_tokens). Reduce the prompt or max_tokens.",
-                kind="tokens",
-                retry_after=60,
-            )
-        identifiers = (KEY_PREFIX, "tokens", tenant.name)
-        if not strategy.hit(item, *identifiers, cost=amount):
-            strategy.hit(item, *identifiers, cost=-amount)
-            stats = strategy.get_window_stats(item, *identifiers)
-            raise RateLimited(
-                f"Rate limit reached for tokens per minute: limit {limit}, remaining {stats.remaining}, requested "
-                f"{amount}. Please try again in {math.ceil(_seconds_until(stats.reset_time))}s.",
-                kind="tokens",
-                retry_after=_seconds_until(stats.reset_time),
-            )
-        return TokenReservation(tenant.name, item, amount, strategy.get_window_stats(item, *identifiers).reset_time)
+        identifiers = _token_key(tenant.name)
+        with self._storage_outage_allowed("token reservation"):
+            # test first, so that a refused request never shows as spent to other workers even briefly
+            if not (strategy.test(item, *identifiers, cost=amount) and strategy.hit(item, *identifiers, cost=amount)):
+                stats = strategy.get_window_stats(item, *identifiers)
+                raise RateLimited(
+                    f"Rate limit reached for tokens per minute: limit {limit}, remaining {stats.remaining}, "
+                    f"requested {amount}. Please try again in {math.ceil(_seconds_until(stats.reset_time))}s.",
+                    kind="tokens",
+                    retry_after=_seconds_until(stats.reset_time),
+                )
+            reset_time = strategy.get_window_stats(item, *identifiers).reset_time
+            return TokenReservation(tenant.name, item, amount, reset_time)
+        return None
 
     def settle(self, reservation: TokenReservation | None, used: int) -> None:
-        """Give back what the request did not use. A refund into a later window than the reservation's
-        would be credit the tenant never paid for, so that one is dropped."""
-        if reservation is None or used >= reservation.amount:
+        """Charge what the request really used: give back what it did not use, or charge what it used
+        beyond its reservation. A refund only goes into the window it was reserved in, and never more
+        than that window has counted: anything else would be credit the tenant never paid for."""
+        if reservation is None or used == reservation.amount:
             return
         strategy = self.limiter.limiter
-        identifiers = (KEY_PREFIX, "tokens", reservation.tenant)
-        try:
-            reset_time = strategy.get_window_stats(reservation.item, *identifiers).reset_time
-            if abs(reset_time - reservation.window_reset) < SAME_WINDOW_TOLERANCE:
+        identifiers = _token_key(reservation.tenant)
+        with self._storage_outage_allowed("token settlement"):
+            if used > reservation.amount:
                 strategy.hit(reservation.item, *identifiers, cost=used - reservation.amount)
-        except Exception:  # a storage outage must not fail a finished response
-            log.warning("could not return %d unused tokens to tenant %s", reservation.amount - used, reservation.tenant)
+                return
+            stats = strategy.get_window_stats(reservation.item, *identifiers)
+            same_window = (
+                reservation.window_reset > time.time()
+                and abs(stats.reset_time - reservation.window_reset) < SAME_WINDOW_TOLERANCE
+            )
+            counted = reservation.item.amount - stats.remaining
+            refund = min(reservation.amount - used, counted) if same_window else 0
+            if refund > 0:
+                strategy.hit(reservation.item, *identifiers, cost=-refund)
 
     def remaining(self, tenant: Tenant) -> dict[str, object]:
         """What is left of the tenant's quotas in their current windows (for the tenant views)."""
@@ -166,25 +195,31 @@ class Quotas:
         strategy = self.limiter.limiter
         for kind, limit, identifiers in (
             ("requests", tenant.limits.requests_per_minute, (KEY_PREFIX, tenant.name, "requests")),
-            ("tokens", tenant.limits.tokens_per_minute, (KEY_PREFIX, "tokens", tenant.name)),
+            ("tokens", tenant.limits.tokens_per_minute, _token_key(tenant.name)),
         ):
             if limit is not None:
-                stats = strategy.get_window_stats(RateLimitItemPerMinute(limit), *identifiers)
-                result[kind] = {
-                    "limit_per_minute": limit,
-                    "remaining": stats.remaining,
-                    "reset_seconds": math.ceil(_seconds_until(stats.reset_time)),
-                }
+                with self._storage_outage_allowed("quota view"):
+                    stats = strategy.get_window_stats(RateLimitItemPerMinute(limit), *identifiers)
+                    result[kind] = {
+                        "limit_per_minute": limit,
+                        "remaining": stats.remaining,
+                        "reset_seconds": math.ceil(_seconds_until(stats.reset_time)),
+                    }
         return result
 
     def authentication_failed(self) -> float | None:
         """Count a failed key from this client address; seconds to wait when it has failed too often."""
         address = request.remote_addr or "unknown"
         strategy = self.limiter.limiter
-        if strategy.hit(self._auth_failures, KEY_PREFIX, "auth-failures", address):
-            return None
-        stats = strategy.get_window_stats(self._auth_failures, KEY_PREFIX, "auth-failures", address)
-        return _seconds_until(stats.reset_time)
+        with self._storage_outage_allowed("failed-key count"):
+            if not strategy.hit(self._auth_failures, KEY_PREFIX, "auth-failures", address):
+                stats = strategy.get_window_stats(self._auth_failures, KEY_PREFIX, "auth-failures", address)
+                return _seconds_until(stats.reset_time)
+        return None
+
+
+def _token_key(tenant: str) -> tuple[str, ...]:
+    return (KEY_PREFIX, "tokens", tenant)
 
 
 def current_quotas() -> Quotas:

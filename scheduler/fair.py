@@ -131,11 +131,13 @@ class FairScheduler(Generic[J]):
     def __len__(self) -> int:
         return len(self._queued)
 
-    def submit(self, job: J, *, tenant: str, timeout: float) -> None:
+    def submit(self, job: J, *, tenant: str, timeout: float, free_slots: int = 0) -> None:
         """Queue ``job`` for ``tenant``; it must leave the queue within ``timeout`` seconds or expire.
 
         The tenant's own cap is checked before the global one, so a tenant over its share is told so even when
-        the whole queue is full too.
+        the whole queue is full too. A job that will take one of ``free_slots`` at the next ``next()`` (nobody
+        else is waiting and its tenant is below its ``max_running``) never waits, so the queue caps do not
+        apply to it: with ``max_queued = 0`` a tenant is served while there is room and refused otherwise.
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
@@ -146,10 +148,12 @@ class FairScheduler(Generic[J]):
         share = self._share(tenant)
         known = self._tenants.get(tenant)
         waiting = len(known.queue) if known is not None else 0
-        if share.max_queued is not None and waiting >= share.max_queued:
-            raise TenantQueueFullError(tenant, f"tenant {tenant!r} already has {waiting} jobs waiting")
-        if len(self._queued) >= self._max_queued:
-            raise QueueFullError(f"{len(self._queued)} jobs are already waiting")
+        starts_at_once = free_slots > 0 and not self._queued and self._below_cap(tenant)
+        if not starts_at_once:
+            if share.max_queued is not None and waiting >= share.max_queued:
+                raise TenantQueueFullError(tenant, f"tenant {tenant!r} already has {waiting} jobs waiting")
+            if len(self._queued) >= self._max_queued:
+                raise QueueFullError(f"{len(self._queued)} jobs are already waiting")
         state = self._tenants.setdefault(tenant, _Tenant())
         if not state.queue:
             self._lift(tenant)
@@ -254,7 +258,8 @@ class FairScheduler(Generic[J]):
 
     def _below_cap(self, tenant: str) -> bool:
         cap = self._share(tenant).max_running
-        return cap is None or self._tenants[tenant].running < cap
+        state = self._tenants.get(tenant)
+        return cap is None or (state.running if state is not None else 0) < cap
 
     def _lift(self, tenant: str) -> None:
         """Raise the counter of a tenant that starts waiting, so that time spent idle cannot be saved up.

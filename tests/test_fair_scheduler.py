@@ -352,3 +352,16 @@ def test_bad_constructor_arguments_are_refused() -> None:
         FairScheduler(FakeClock(), max_queued=-1)
     with pytest.raises(ValueError, match="output_weight"):
         FairScheduler(FakeClock(), max_queued=1, output_weight=-2.0)
+
+
+def test_a_job_that_starts_at_once_is_not_held_to_the_queue_caps() -> None:
+    scheduler: FairScheduler[str] = FairScheduler(FakeClock(), max_queued=0)
+    scheduler.configure({"t": TenantShare(max_queued=0, max_running=1)})
+    scheduler.submit("first", tenant="t", timeout=5, free_slots=1)
+    assert scheduler.next() == "first"
+    with pytest.raises(TenantQueueFullError):  # at its max_running: it would have to wait
+        scheduler.submit("second", tenant="t", timeout=5, free_slots=1)
+    with pytest.raises(QueueFullError):  # no free slot: it would wait, and the global queue holds none
+        scheduler.submit("other", tenant="u", timeout=5, free_slots=0)
+    scheduler.submit("other", tenant="u", timeout=5, free_slots=1)
+    assert scheduler.next() == "other"

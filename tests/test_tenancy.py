@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,11 @@ from flask.testing import FlaskClient
 
 from llmserve.application import create_app
 from llmserve.cli import main
+from llmserve.errors import RateLimited
 from llmserve.keys import KeyStore
+from llmserve.quotas import Quotas, current_quotas
 from llmserve.settings import Settings, SettingsError, TenantSettings, load_settings
+from llmserve.tenancy import Tenant
 
 MODEL = "gemma-3-270m"
 TENANTS = {
@@ -197,3 +202,46 @@ def test_the_keys_commands_create_list_and_revoke(tmp_path: Path, monkeypatch: p
     assert KeyStore(tmp_path / "state").authenticate(key) is None
     records = json.loads((tmp_path / "state" / "keys.json").read_text())
     assert records[0]["revoked"] is not None
+
+
+@pytest.fixture
+def quotas(app: Flask) -> Quotas:
+    with app.app_context():
+        return current_quotas()
+
+
+def left(quotas: Quotas, tenant: Tenant) -> int:
+    return quotas.remaining(tenant)["tokens"]["remaining"]  # type: ignore[index]
+
+
+def test_tokens_are_reserved_then_settled_to_what_was_used(quotas: Quotas) -> None:
+    tenant = Tenant("t", TenantSettings(tokens_per_minute=1000))
+    reservation = quotas.reserve_tokens(tenant, 300, needed=20)
+    assert left(quotas, tenant) == 700
+    quotas.settle(reservation, 50)
+    assert left(quotas, tenant) == 950
+    quotas.settle(quotas.reserve_tokens(tenant, 100, needed=20), 160)  # beyond its reservation: charged too
+    assert left(quotas, tenant) == 790
+
+
+def test_a_request_wanting_more_than_a_minute_reserves_the_minute_and_one_needing_more_never_runs(
+    quotas: Quotas,
+) -> None:
+    tenant = Tenant("t", TenantSettings(tokens_per_minute=1000))
+    reservation = quotas.reserve_tokens(tenant, 5000, needed=30)  # max_tokens defaulted to the whole context
+    assert reservation is not None and reservation.amount == 1000
+    with pytest.raises(RateLimited) as busy:
+        quotas.reserve_tokens(tenant, 10, needed=10)
+    assert busy.value.retry_after is not None and busy.value.retry_after >= 1
+    with pytest.raises(RateLimited) as too_large:
+        quotas.reserve_tokens(tenant, 1200, needed=1200)
+    assert too_large.value.retry_after is None  # waiting would not help
+
+
+def test_a_refund_never_reaches_a_later_window(quotas: Quotas) -> None:
+    tenant = Tenant("t", TenantSettings(tokens_per_minute=1000))
+    reservation = quotas.reserve_tokens(tenant, 400, needed=10)
+    assert reservation is not None
+    stale = replace(reservation, window_reset=time.time() - 1)  # reserved in a window that has ended
+    quotas.settle(stale, 0)
+    assert left(quotas, tenant) == 600

@@ -48,7 +48,7 @@ def create_embeddings() -> Response:
         inputs.append(tuple(tokens))
     prompt_tokens = sum(len(tokens) for tokens in inputs)
     tenant = current_tenant()
-    reservation = current_quotas().reserve_tokens(tenant, prompt_tokens)
+    reservation = current_quotas().reserve_tokens(tenant, prompt_tokens, needed=prompt_tokens)
     try:
         vectors = _run(service, EmbeddingSpec(tuple(inputs)), tenant.name)
     except BaseException:

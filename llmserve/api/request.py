@@ -104,7 +104,16 @@ def build_choices(
         )
     sampling = sampling_params(body, service.vocab.size)
     context_length = service.settings.model.context_length
-    cap = current_tenant().limits.max_tokens
+    limits = current_tenant().limits
+    if limits.max_running is not None and limits.max_queued is not None:
+        most = limits.max_running + limits.max_queued
+        if len(prompts) * body.n > most:
+            raise InvalidRequest(
+                f"This request asks for {len(prompts) * body.n} generations at once (prompts x n); your "
+                f"organization may run and queue at most {most}.",
+                param="n" if body.n > 1 else "prompt",
+            )
+    cap = limits.max_tokens
     if cap is not None:
         if requested is not None and requested > cap:
             raise InvalidRequest(
@@ -163,7 +172,10 @@ def respond(
         admission_timeout=settings.queue_timeout + 5,
         client_gone=ClientWatch(request.environ).gone,
     )
-    reservation = quotas.reserve_tokens(tenant, run.usage.prompt_tokens + sum(c.spec.max_tokens for c in choices))
+    prompt_tokens = run.usage.prompt_tokens
+    reservation = quotas.reserve_tokens(
+        tenant, prompt_tokens + sum(c.spec.max_tokens for c in choices), needed=prompt_tokens + len(choices)
+    )
     try:
         run.admit()
     except BaseException:

@@ -229,8 +229,10 @@ class GenerationRun:
         return Update(tag, delta, reason.value)
 
     def close(self) -> None:
+        """Cancel the choices still generating; the tokens they did generate still count as used."""
         if self._open and self.cancelled_by is None:
             self.cancelled_by = "client_disconnected"  # the response was abandoned before every choice ended
         for tag in self._open:
             self._engine.cancel(self._jobs[tag])
+            self.usage.completion_tokens += self._texts[tag].tokens
         self._open.clear()

@@ -21,6 +21,7 @@ import numpy as np
 from gevent import monkey
 
 from llmserve.engine.embedder import Embedder
+from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import (
     Admitted,
     Embeddings,
@@ -89,6 +90,16 @@ class Slot:
         return self.spec is not None and self.prefilled < len(self.spec.prompt)
 
 
+def charge_step(seconds: float, jobs: Sequence[Job], tokens: Sequence[int]) -> None:
+    """Split one step's time among its jobs by the tokens each put into the batch (a decoded token counts
+    one, a prefill chunk its length), so that the engine time of all jobs adds up to the engine's."""
+    total = sum(tokens)
+    if total:
+        per_token = seconds / total
+        for job, count in zip(jobs, tokens, strict=True):
+            job.engine_seconds += per_token * count
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     length = min(len(a), len(b))
     for i in range(length):
@@ -124,6 +135,8 @@ class Engine:
         self._embed_queue: list[Job] = []
         self._embedded: dict[Job, list[np.ndarray]] = {}
         self._stopping = False
+        # Jobs retired while a step samples: their Finished waits until the step's time is charged.
+        self._finishing: list[tuple[Job, FinishReason]] | None = None
         self._exited = _native_lock()
         self.state = EngineState.STARTING
         self.failure: str | None = None
@@ -274,7 +287,8 @@ class Engine:
             self._embed_queue.append(job)
             return
         try:
-            self._scheduler.submit(job, tenant=job.tenant, timeout=self._queue_timeout)
+            free_slots = sum(1 for slot in self._slots if slot.job is None)
+            self._scheduler.submit(job, tenant=job.tenant, timeout=self._queue_timeout, free_slots=free_slots)
         except TenantQueueFullError:
             self._stats.rejected += 1
             waiting = self._scheduler.queued(job.tenant)
@@ -295,14 +309,14 @@ class Engine:
             if job.cancelled:
                 self._scheduler.remove(job)
                 self._stats.cancelled += 1
-                job.sink.push(Finished(FinishReason.CANCELLED))
+                job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
         for job in self._scheduler.expired():
             self._stats.rejected += 1
             job.sink.push(Rejected(RejectReason.QUEUE_TIMEOUT, self._drain.retry_after(len(self._scheduler))))
         for job in [job for job in self._embed_queue if job.cancelled]:
             self._embed_queue.remove(job)
             self._embedded.pop(job, None)
-            job.sink.push(Finished(FinishReason.CANCELLED))
+            job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
         for slot in self._slots:
             if slot.job is not None and slot.job.stop_reason is not None:
                 self._retire(slot, slot.job.stop_reason)
@@ -322,8 +336,13 @@ class Engine:
             reuse = context.forget(slot.index, min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
-            assert self.vocab is not None
-            slot.sampler = None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
+            try:
+                slot.sampler = self._sampler(spec)
+            except GrammarError:
+                log.error("engine %s: llama.cpp refused the grammar of job %d", self.settings.id, job.id)
+                self._retire(slot, FinishReason.ERROR)
+                free.append(slot)
+                continue
             self._stats.cached_prompt_tokens += reuse
             # Charged now rather than as it is decoded, so that slots freed together are not all given to
             # one tenant before its prompt shows in its counter. Reused tokens cost nothing to compute.
@@ -333,6 +352,13 @@ class Engine:
             if shared >= reuse + MIN_SHARED_PREFIX:
                 slot.donor, slot.shared = donor, shared
                 self._resolve_donors(context)
+
+    def _sampler(self, spec: GenerationSpec) -> Sampler | None:
+        """The sequence's sampler; None for greedy decoding without a grammar (a numpy argmax in ``_sample``)."""
+        assert self.vocab is not None
+        if spec.grammar is None:
+            return None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
+        return Sampler(spec.sampling, self.vocab.size, Grammar(self.vocab, spec.grammar))
 
     def _best_donor(self, slot: Slot) -> tuple[Slot | None, int]:
         """The other slot that holds, or is computing, the longest prefix of ``slot``'s prompt.
@@ -414,7 +440,12 @@ class Engine:
         if slot.sampler is None:
             token = greedy_token(logits, slot.spec.sampling.logit_bias)
         else:
-            token = slot.sampler.sample(context.pointer, slot.output_index)
+            try:
+                token = slot.sampler.sample(context.pointer, slot.output_index, logits)
+            except GrammarError as exc:
+                log.error("engine %s: job %d stopped: %s", self.settings.id, slot.job.id, exc)
+                self._retire(slot, FinishReason.ERROR)
+                return
         logprob = None
         if slot.spec.top_logprobs is not None:
             logprob = token_logprob(logits, token, slot.spec.top_logprobs)

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL, NO_EOS, Server, start_server, stop_server
+from tests.integration.conftest import MODEL, NO_EOS, Server, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,19 @@ def test_gauges_sum_live_workers_and_forget_dead_ones(two_workers: Server) -> No
 
 def test_metrics_move_with_traffic(two_workers: Server) -> None:
     client: openai.OpenAI = two_workers.client(max_retries=0, timeout=120)
-    before = sample(two_workers, "llmserve_prompt_tokens_total")
-    client.completions.create(model=MODEL, prompt="Hello there", max_tokens=2)
-    assert sample(two_workers, "llmserve_prompt_tokens_total") > before
+    series = (
+        "llmserve_prompt_tokens_total",
+        "llmserve_time_to_first_token_seconds_count",
+        "llmserve_queue_wait_seconds_count",
+        "llmserve_request_duration_seconds_count",
+        "llmserve_inter_token_latency_seconds_count",
+    )
+    before = {name: sample(two_workers, name) for name in series}
+    client.completions.create(model=MODEL, prompt="Hello there", max_tokens=3, logit_bias=NO_EOS)
+    after = {name: sample(two_workers, name) for name in series}
+    assert all(after[name] > before[name] for name in series), (before, after)
+    assert (
+        after["llmserve_inter_token_latency_seconds_count"] - before["llmserve_inter_token_latency_seconds_count"] == 2
+    )
+    # Decode steps reach the histograms within a publishing round (about a second).
+    assert wait_for(lambda: sample(two_workers, "llmserve_engine_step_seconds_count") >= 3, timeout=5)

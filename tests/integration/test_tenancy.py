@@ -95,6 +95,9 @@ def test_token_quota_runs_out_with_a_429_and_retry_after(tenant_server: Server, 
     assert response.json()["error"]["type"] == "tokens"
     assert 1 <= int(response.headers["Retry-After"]) <= 61
     assert int(response.headers["x-ratelimit-limit-tokens"]) == 100
+    metrics = httpx.get(f"{tenant_server.url}/metrics").text
+    assert 'llmserve_rejections_total{model="gemma-3-270m",reason="rate_limit_exceeded"}' in metrics
+    assert 'llmserve_errors_total{code="rate_limit_exceeded",status="429"}' in metrics
 
 
 def test_unused_reserved_tokens_are_given_back(tenant_server: Server, tenant_dir: Path) -> None:
