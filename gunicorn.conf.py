@@ -1,7 +1,8 @@
 """gunicorn settings, derived from the one settings model (``LLMSERVE_*`` and ``LLMSERVE_CONFIG``).
 
 The model is loaded in each worker after fork (``post_worker_init``), never in the master: threads, locks
-and GPU contexts do not survive a fork.
+and GPU contexts do not survive a fork. Readiness, drain and the second-signal stop are in
+``llmserve.lifecycle``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gevent
+
+from llmserve import lifecycle
 from llmserve.logs import logging_config
 from llmserve.settings import SettingsError, load_settings
 
 # Every worker writes its metric samples here; it must be set before a worker imports prometheus_client.
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 os.environ.setdefault(_METRICS_DIR, tempfile.mkdtemp(prefix="llmserve-metrics-"))
+
+# Readiness is reported by the workers once their model is warm, not by gunicorn's master at bind time.
+lifecycle.hide_notify_socket()
 
 try:
     _settings = load_settings()
@@ -55,6 +62,19 @@ def on_starting(server):  # type: ignore[no-untyped-def]
     directory.mkdir(parents=True)
 
 
+def when_ready(server):  # type: ignore[no-untyped-def]
+    lifecycle.handle_master_term(server)
+
+
+def on_reload(server):  # type: ignore[no-untyped-def]
+    lifecycle.announce_reload()
+
+
+def pre_fork(server, worker):  # type: ignore[no-untyped-def]
+    """A worker forked while others serve (a reload, a replacement) takes connections only once warm."""
+    worker.joins_serving_workers = bool(server.WORKERS)
+
+
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
     """Drop a dead worker's live gauges, so its slots and queue stop counting."""
     from prometheus_client import multiprocess
@@ -64,7 +84,14 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
     """Start this worker's engine thread, which loads the model; /readyz turns 200 when it is warm."""
-    worker.wsgi.extensions["llmserve.service"].start()
+    service = worker.wsgi.extensions["llmserve.service"]
+    service.start()
+    lifecycle.handle_worker_term(worker, service, worker.wsgi.extensions[lifecycle.IN_FLIGHT], graceful_timeout)
+    gevent.spawn(lifecycle.watch_engine, worker, service, _settings.watchdog_timeout)
+    if worker.joins_serving_workers:
+        lifecycle.wait_until_ready(service, worker)
+    else:
+        gevent.spawn(lifecycle.wait_until_ready, service, worker)
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from llmserve import api, auth, errors, metrics, requestlog
+from llmserve.lifecycle import InFlight
 from llmserve.quotas import Quotas
 from llmserve.service import ModelService
 from llmserve.settings import Settings, load_settings
@@ -20,6 +21,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     errors.init_app(app)
     requestlog.init_app(app)
+    InFlight().init_app(app)
     tenancy = Tenancy(settings)
     tenancy.init_app(app)
     auth.init_app(app)  # before the quotas: they are counted per tenant

@@ -8,6 +8,7 @@ a fork.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import cached_property
 from typing import TypeVar
@@ -48,6 +49,7 @@ class ModelService:
             shares=tenancy.shares(),
             policy=settings.scheduling,
         )
+        self.draining = False
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
@@ -71,6 +73,21 @@ class ModelService:
 
     def stop(self) -> None:
         self.engine.stop()
+
+    def drain(self, deadline: float) -> None:
+        """Stop taking work: readiness turns 503, and running generations must end by ``deadline``."""
+        self.draining = True
+        self.engine.drain(deadline)
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, warmed up and not draining: what /readyz and systemd are told."""
+        return self.engine.state is EngineState.READY and not self.draining
+
+    def stalled_for(self) -> float:
+        """Seconds the engine has made no progress while work was pending (0 when it is idle)."""
+        engine = self.engine
+        return time.monotonic() - engine.last_progress if engine.busy else 0.0
 
     @property
     def model_id(self) -> str:

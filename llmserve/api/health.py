@@ -1,13 +1,13 @@
 """Liveness and readiness probes.
 
 ``/healthz`` fails when the engine thread has died or has made no progress for ``watchdog_timeout``
-seconds while work is pending, so a supervisor restarts the process. ``/readyz`` is 200 only once the
-model is loaded and a warm-up decode ran. Both answer from the hub without touching llama.cpp.
+seconds while work is pending (the worker then replaces itself too: see ``lifecycle.watch_engine``).
+``/readyz`` is 200 only once the model is loaded and a warm-up decode ran, and 503 again from the moment
+the worker starts draining. Both answer from the hub without touching llama.cpp.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from typing import Any
 
@@ -23,8 +23,8 @@ blueprint = Blueprint("health", __name__)
 def healthz() -> Response:
     service = current_service()
     engine = service.engine
-    stalled_for = time.monotonic() - engine.last_progress
-    stalled = engine.busy and stalled_for > service.settings.watchdog_timeout
+    stalled_for = service.stalled_for()
+    stalled = stalled_for > service.settings.watchdog_timeout
     healthy = engine.alive and not stalled
     body = {
         "status": "ok" if healthy else "unhealthy",
@@ -41,11 +41,12 @@ def healthz() -> Response:
 def readyz() -> Response:
     service = current_service()
     engine = service.engine
-    ready = engine.state is EngineState.READY
-    body: dict[str, Any] = {"status": "ready" if ready else engine.state.value, "model": service.model_id}
+    ready = service.ready
+    status = "ready" if ready else ("draining" if service.draining else engine.state.value)
+    body: dict[str, Any] = {"status": status, "model": service.model_id}
     if engine.failure:
         body["error"] = "the model failed to load; see the server log"
-    if ready:
+    if engine.state is EngineState.READY:
         body["engine"] = asdict(engine.stats())
     response = jsonify(body)
     response.status_code = 200 if ready else 503

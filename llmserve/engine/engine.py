@@ -21,7 +21,6 @@ import numpy as np
 from gevent import monkey
 
 from llmserve.engine.embedder import Embedder
-from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import (
     Admitted,
     Embeddings,
@@ -90,16 +89,6 @@ class Slot:
         return self.spec is not None and self.prefilled < len(self.spec.prompt)
 
 
-def charge_step(seconds: float, jobs: Sequence[Job], tokens: Sequence[int]) -> None:
-    """Split one step's time among its jobs by the tokens each put into the batch (a decoded token counts
-    one, a prefill chunk its length), so that the engine time of all jobs adds up to the engine's."""
-    total = sum(tokens)
-    if total:
-        per_token = seconds / total
-        for job, count in zip(jobs, tokens, strict=True):
-            job.engine_seconds += per_token * count
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     length = min(len(a), len(b))
     for i in range(length):
@@ -135,8 +124,7 @@ class Engine:
         self._embed_queue: list[Job] = []
         self._embedded: dict[Job, list[np.ndarray]] = {}
         self._stopping = False
-        # Jobs retired while a step samples: their Finished waits until the step's time is charged.
-        self._finishing: list[tuple[Job, FinishReason]] | None = None
+        self._drain_deadline: float | None = None
         self._exited = _native_lock()
         self.state = EngineState.STARTING
         self.failure: str | None = None
@@ -157,6 +145,11 @@ class Engine:
     def cancel(self, job: Job, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """End a job wherever it is; its slot is free again before the next step."""
         job.stop_reason = reason
+        self._inbox.put(None)
+
+    def drain(self, deadline: float) -> None:
+        """Refuse new and queued jobs from now on, and end running ones at ``deadline`` (monotonic)."""
+        self._drain_deadline = deadline
         self._inbox.put(None)
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -250,6 +243,7 @@ class Engine:
             self.last_progress = time.monotonic()
             idle = not self._embed_queue and all(slot.job is None for slot in self._slots) and not len(self._scheduler)
             self._take_inbox(context, block=idle)
+            self._apply_drain()
             self._drop_cancelled_and_expired()
             self._admit(context)
             if self._embed_queue and embedder is not None:
@@ -283,6 +277,9 @@ class Engine:
             pass
 
     def _accept(self, job: Job) -> None:
+        if self._drain_deadline is not None:
+            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+            return
         if isinstance(job.spec, EmbeddingSpec):
             self._embed_queue.append(job)
             return
@@ -304,19 +301,37 @@ class Engine:
             drain = self._tenant_drain[tenant] = DrainRate(self._clock)
         return drain
 
+    def _apply_drain(self) -> None:
+        """While draining nothing waits, since a slot may not free before the deadline; at the deadline
+        whatever still runs ends, and its client gets an error rather than a cut connection."""
+        if self._drain_deadline is None:
+            return
+        for job in self._scheduler.jobs():
+            self._scheduler.remove(job)
+            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+        if time.monotonic() < self._drain_deadline:
+            return
+        for slot in self._slots:
+            if slot.job is not None:
+                self._retire(slot, FinishReason.CANCELLED)
+        for job in self._embed_queue:
+            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+        self._embed_queue.clear()
+        self._embedded.clear()
+
     def _drop_cancelled_and_expired(self) -> None:
         for job in self._scheduler.jobs():
             if job.cancelled:
                 self._scheduler.remove(job)
                 self._stats.cancelled += 1
-                job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
+                job.sink.push(Finished(FinishReason.CANCELLED))
         for job in self._scheduler.expired():
             self._stats.rejected += 1
             job.sink.push(Rejected(RejectReason.QUEUE_TIMEOUT, self._drain.retry_after(len(self._scheduler))))
         for job in [job for job in self._embed_queue if job.cancelled]:
             self._embed_queue.remove(job)
             self._embedded.pop(job, None)
-            job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
+            job.sink.push(Finished(FinishReason.CANCELLED))
         for slot in self._slots:
             if slot.job is not None and slot.job.stop_reason is not None:
                 self._retire(slot, slot.job.stop_reason)
@@ -336,13 +351,8 @@ class Engine:
             reuse = context.forget(slot.index, min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
-            try:
-                slot.sampler = self._sampler(spec)
-            except GrammarError:
-                log.error("engine %s: llama.cpp refused the grammar of job %d", self.settings.id, job.id)
-                self._retire(slot, FinishReason.ERROR)
-                free.append(slot)
-                continue
+            assert self.vocab is not None
+            slot.sampler = None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
             self._stats.cached_prompt_tokens += reuse
             # Charged now rather than as it is decoded, so that slots freed together are not all given to
             # one tenant before its prompt shows in its counter. Reused tokens cost nothing to compute.
@@ -352,13 +362,6 @@ class Engine:
             if shared >= reuse + MIN_SHARED_PREFIX:
                 slot.donor, slot.shared = donor, shared
                 self._resolve_donors(context)
-
-    def _sampler(self, spec: GenerationSpec) -> Sampler | None:
-        """The sequence's sampler; None for greedy decoding without a grammar (a numpy argmax in ``_sample``)."""
-        assert self.vocab is not None
-        if spec.grammar is None:
-            return None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
-        return Sampler(spec.sampling, self.vocab.size, Grammar(self.vocab, spec.grammar))
 
     def _best_donor(self, slot: Slot) -> tuple[Slot | None, int]:
         """The other slot that holds, or is computing, the longest prefix of ``slot``'s prompt.
@@ -440,12 +443,7 @@ class Engine:
         if slot.sampler is None:
             token = greedy_token(logits, slot.spec.sampling.logit_bias)
         else:
-            try:
-                token = slot.sampler.sample(context.pointer, slot.output_index, logits)
-            except GrammarError as exc:
-                log.error("engine %s: job %d stopped: %s", self.settings.id, slot.job.id, exc)
-                self._retire(slot, FinishReason.ERROR)
-                return
+            token = slot.sampler.sample(context.pointer, slot.output_index)
         logprob = None
         if slot.spec.top_logprobs is not None:
             logprob = token_logprob(logits, token, slot.spec.top_logprobs)

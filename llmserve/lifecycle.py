@@ -1,0 +1,169 @@
+"""Process lifecycle under gunicorn and systemd: honest readiness, graceful drain, a fast second stop.
+
+Readiness. gunicorn's master tells systemd ``READY=1`` right after binding, long before any worker has
+loaded the model. ``gunicorn.conf.py`` therefore moves ``NOTIFY_SOCKET`` out of gunicorn's sight (into
+``LLMSERVE_NOTIFY_SOCKET``), and a worker says ``READY=1`` itself once its model is loaded and warm
+(the unit sets ``NotifyAccess=all``). The master says ``RELOADING=1`` on SIGHUP and ``STOPPING=1`` on
+SIGTERM. A worker that joins while others serve (a reload, a replacement for a dead worker) does not
+accept connections until its model is warm: connections wait in the listen backlog rather than meet a
+worker that can only answer 503.
+
+Drain. On SIGTERM a worker stops accepting connections (gunicorn), its readiness turns 503, queued
+requests are refused with 503 and ``Retry-After``, and running generations continue until the drain
+deadline, ``graceful_timeout`` minus a margin; then each gets a final error (an SSE error event, or a
+503) instead of a silent cut, before gunicorn's own deadline would kill the worker. A second SIGTERM, or
+a SIGINT, stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import gevent
+from flask import Flask, Response, g
+
+log = logging.getLogger(__name__)
+
+NOTIFY_ENV = "LLMSERVE_NOTIFY_SOCKET"
+# Time kept between the drain deadline and gunicorn's graceful_timeout, for final events and exit.
+DRAIN_MARGIN = 2.0
+READY_POLL = 0.2
+DRAIN_POLL = 0.1
+IN_FLIGHT = "llmserve.in_flight"
+
+
+def hide_notify_socket() -> None:
+    """Keep gunicorn from reporting readiness itself; only this module speaks to systemd."""
+    address = os.environ.pop("NOTIFY_SOCKET", None)
+    if address:
+        os.environ[NOTIFY_ENV] = address
+
+
+def notify(*states: str) -> bool:
+    """Send ``states`` to systemd's notification socket; False when not run as a notify unit."""
+    address = os.environ.get(NOTIFY_ENV)
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(states).encode())
+    except OSError as exc:
+        log.warning("could not notify systemd (%s): %s", ", ".join(states), exc)
+        return False
+    return True
+
+
+def drain_deadline(graceful_timeout: float) -> float:
+    """The monotonic time by which running generations must have ended."""
+    return time.monotonic() + max(0.0, graceful_timeout - DRAIN_MARGIN)
+
+
+def wait_until_ready(service: Any, worker: Any) -> None:
+    """Wait for this worker's engine, keeping gunicorn's heartbeat, then tell systemd it is ready."""
+    engine = service.engine
+    while worker.alive and engine.alive and not service.ready:
+        worker.notify()
+        gevent.sleep(READY_POLL)
+    if service.ready:
+        notify("READY=1", f"STATUS=serving {service.model_id}")
+
+
+class InFlight:
+    """Requests whose response has not been completely sent yet.
+
+    A streamed response counts until the server has written its last byte (``call_on_close``), so a
+    draining worker can leave as soon as the count reaches zero instead of waiting for idle keep-alive
+    connections until gunicorn's deadline.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def init_app(self, app: Flask) -> None:
+        app.extensions[IN_FLIGHT] = self
+
+        @app.before_request
+        def _begin() -> None:
+            self.count += 1
+            g.in_flight = True
+
+        @app.after_request
+        def _end_when_sent(response: Response) -> Response:
+            if g.pop("in_flight", False):
+                response.call_on_close(self._done)
+            return response
+
+        @app.teardown_request
+        def _end_without_response(error: BaseException | None) -> None:
+            if g.pop("in_flight", False):  # no response was made (an error escaped every handler)
+                self._done()
+
+    def _done(self) -> None:
+        self.count -= 1
+
+
+def handle_worker_term(worker: Any, service: Any, in_flight: InFlight, graceful_timeout: float) -> None:
+    """Start draining when gunicorn's worker is told to stop (it then stops accepting on its own), and
+    leave as soon as every response has been sent."""
+    stop_accepting = worker.handle_exit
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop_accepting(signum, frame)
+        service.drain(drain_deadline(graceful_timeout))
+        gevent.spawn(_exit_when_drained, in_flight)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def _exit_when_drained(in_flight: InFlight) -> None:
+    while in_flight.count > 0:
+        gevent.sleep(DRAIN_POLL)
+    log.info("drained: every response has been sent; the worker exits")
+    sys.exit(0)  # raised into the worker's main greenlet by gevent: gunicorn's own quick exit path
+
+
+def watch_engine(worker: Any, service: Any, timeout: float) -> None:
+    """Replace this worker when its engine makes no progress with work pending for ``timeout`` seconds:
+    /healthz already fails then, and a fresh worker is the cure (under systemd nobody else would act)."""
+    while worker.alive and service.engine.alive:
+        stalled = service.stalled_for()
+        if stalled > timeout:
+            log.error("engine stalled for %.1fs with work pending; replacing this worker", stalled)
+            worker.alive = False
+            os.kill(os.getpid(), signal.SIGQUIT)  # gunicorn's quick stop; the arbiter starts a new worker
+            return
+        gevent.sleep(min(1.0, timeout / 2))
+
+
+def handle_master_term(arbiter: Any) -> None:
+    """The first SIGTERM is gunicorn's graceful stop (announced to systemd); a second one is SIGQUIT,
+    which gunicorn's stop loop turns into a quick shutdown."""
+    forward: Callable[[int, FrameType | None], None] = arbiter.signal
+    stopping = False
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:
+            log.info("second SIGTERM: stopping at once")
+            forward(signal.SIGQUIT, frame)
+            return
+        stopping = True
+        notify("STOPPING=1", "STATUS=draining")
+        forward(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def announce_reload() -> None:
+    notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")

@@ -1,0 +1,172 @@
+"""Stopping, draining, reloading and the watchdog, against real gunicorn processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmserve.keys import KeyStore
+from tests.integration.conftest import MODEL, Server, long_stream_body, start_server, stop_server, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def read_stream(url: str, body: dict, results: list[list[str]], headers: dict[str, str] | None = None) -> None:
+    """Collect one stream's data lines (its last one tells how it ended)."""
+    lines: list[str] = []
+    results.append(lines)
+    try:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+    except httpx.HTTPError as exc:
+        lines.append(f"transport error: {exc!r}")
+
+
+def start_streams(server: Server, count: int, max_tokens: int) -> tuple[list[threading.Thread], list[list[str]]]:
+    results: list[list[str]] = []
+    threads = [
+        threading.Thread(
+            target=read_stream, args=(f"{server.url}/v1/completions", long_stream_body(max_tokens), results)
+        )
+        for _ in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    assert wait_for(lambda: server.engine_stats()["slots_busy"] == count, timeout=30)
+    assert wait_for(lambda: all(len(lines) >= 2 for lines in results), timeout=30)  # tokens are flowing
+    return threads, results
+
+
+def exit_code(server: Server, timeout: float) -> int | None:
+    try:
+        return server.process.wait(timeout=timeout)
+    except Exception:
+        return None
+
+
+def test_sigterm_lets_running_streams_finish_and_exits_0(tmp_path: Path) -> None:
+    server = start_server(tmp_path, model__parallel="4", graceful_timeout="30")
+    try:
+        threads, results = start_streams(server, 4, 120)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:
+            late = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=5)
+            assert late.status_code == 503  # a connection that still got in is refused honestly
+        except httpx.TransportError:
+            pass  # or the listener is already closed
+        for thread in threads:
+            thread.join(timeout=60)
+        assert [lines[-1] for lines in results] == ["[DONE]"] * 4
+        assert all(len(lines) >= 120 for lines in results)  # every token arrived
+        assert exit_code(server, 30) == 0
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+
+
+def test_a_short_drain_budget_ends_streams_with_an_error_event(tmp_path: Path) -> None:
+    server = start_server(tmp_path, model__parallel="2", graceful_timeout="4")
+    try:
+        threads, results = start_streams(server, 2, 3000)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=30)
+        for lines in results:
+            final = json.loads(lines[-1])  # not "[DONE]", and not a cut connection
+            assert final["error"]["code"] == "service_unavailable"
+        assert exit_code(server, 15) == 0
+        assert time.monotonic() - started < 8  # the drain deadline, not gunicorn's SIGKILL
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path: Path) -> None:
+    server = start_server(tmp_path, model__parallel="1", graceful_timeout="60")
+    try:
+        threads, _ = start_streams(server, 1, 3000)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert exit_code(server, 15) is not None
+        assert time.monotonic() - started < 10
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+
+
+def test_sighup_applies_a_changed_tenant_file_while_a_stream_completes(tmp_path: Path) -> None:
+    server = start_server(tmp_path, config="[tenants.alpha]\n", model__parallel="2")
+    try:
+        store = KeyStore(tmp_path / "state")
+        alpha, beta = store.create("alpha")[1], store.create("beta")[1]  # beta is not configured yet
+
+        def beta_models():
+            return httpx.get(
+                f"{server.url}/v1/models", headers={"Authorization": f"Bearer {beta}"}, timeout=30
+            ).status_code
+
+        assert beta_models() == 401
+        results: list[list[str]] = []
+        stream = threading.Thread(
+            target=read_stream,
+            args=(
+                f"{server.url}/v1/completions",
+                long_stream_body(150),
+                results,
+                {"Authorization": f"Bearer {alpha}"},
+            ),
+        )
+        stream.start()
+        assert wait_for(lambda: bool(results) and len(results[0]) >= 2, timeout=30)
+        (tmp_path / "llmserve.toml").write_text("[tenants.alpha]\n[tenants.beta]\n")
+        old_workers = set(server.worker_pids())
+        server.process.send_signal(signal.SIGHUP)
+        stream.join(timeout=60)
+        assert results[0][-1] == "[DONE]"
+        assert len(results[0]) >= 151
+        assert wait_for(lambda: not old_workers & set(server.worker_pids()), timeout=60)
+        assert beta_models() == 200
+    finally:
+        stop_server(server)
+
+
+def test_the_watchdog_fails_healthz_and_replaces_a_stalled_worker(tmp_path: Path) -> None:
+    """A stall is simulated by a watchdog shorter than one long prefill step (hundreds of milliseconds for
+    512 prompt tokens on this machine): with work pending, the engine shows no progress for longer."""
+    server = start_server(tmp_path, watchdog_timeout="0.05", model__batch_tokens="512", model__parallel="1")
+    try:
+        first = set(server.worker_pids())
+        body = {"model": MODEL, "prompt": "word " * 3000, "max_tokens": 4}
+
+        def long_prompt() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # its worker is replaced under it
+                httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+
+        threading.Thread(target=long_prompt).start()
+        statuses: list[int] = []
+
+        def unhealthy_seen() -> bool:
+            with contextlib.suppress(httpx.TransportError):
+                statuses.append(httpx.get(f"{server.url}/healthz", timeout=2).status_code)
+            return 503 in statuses
+
+        assert wait_for(unhealthy_seen, timeout=30)
+        assert wait_for(lambda: "engine stalled" in server.log.read_text(errors="replace"), timeout=30)
+        assert wait_for(lambda: bool(server.worker_pids()) and not first & set(server.worker_pids()), timeout=60)
+    finally:
+        stop_server(server)
