@@ -1,0 +1,304 @@
+"""JSON Schema grammars: llama.cpp accepts them, and they generate only JSON the schema accepts.
+
+Soundness is checked by sampling: every text the grammar can generate must parse as JSON and validate
+against the schema. Coverage by matching valid instances (as ``json.dumps`` writes them: constants and
+enum values come out in exactly that form) and refusing invalid ones.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from llmserve.structured import JSON_OBJECT_GRAMMAR, UnsupportedSchema, check_schema, schema_grammar
+from tests.test_structured_gbnf import Grammar, llama_accepts
+
+ADDRESS = {
+    "type": "object",
+    "properties": {"street": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+    "required": ["street", "zip"],
+    "additionalProperties": False,
+}
+TREE = {
+    "$defs": {
+        "node": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+            },
+            "required": ["name", "children"],
+            "additionalProperties": False,
+        }
+    },
+    "$ref": "#/$defs/node",
+}
+
+# (schema, valid instances, invalid instances)
+CASES: list[tuple[dict[str, Any], list[Any], list[Any]]] = [
+    (
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "a city"},
+                "days": {"type": "integer"},
+                "celsius": {"type": "boolean"},
+                "ratio": {"type": "number"},
+            },
+            "required": ["city"],
+        },
+        [{"city": "Paris"}, {"city": 'Köln "x" \\n', "days": -3, "ratio": 1.5e3}, {"city": "", "celsius": True}],
+        [{}, {"city": 3}, {"city": "Paris", "days": 1.5}, {"city": "Paris", "other": 1}, ["Paris"]],
+    ),
+    (ADDRESS, [{"street": "Main St", "zip": "12345"}], [{"street": "Main St", "zip": "1234"}, {"zip": "12345"}]),
+    (
+        {"type": "object", "properties": {"home": {"anyOf": [ADDRESS, {"type": "null"}]}}, "required": ["home"]},
+        [{"home": None}, {"home": {"street": "a", "zip": "00000"}}],
+        [{"home": "a"}, {}],
+    ),
+    (
+        {"type": ["object", "null"], "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+        [None, {"n": 1}],
+        [{"n": "1"}, {}, 3],
+    ),
+    (
+        {"type": ["string", "null"], "enum": ["red", "green", None, 7]},
+        ["red", "green", None],
+        ["blue", 7, "Red"],
+    ),
+    ({"const": {"a": [1, "x"]}}, [{"a": [1, "x"]}], [{"a": [1]}, None]),
+    (
+        {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 3}, "minItems": 1, "maxItems": 3},
+        [["a"], ["abc", "b", "c"]],
+        [[], ["abcd"], [""], ["a", "b", "c", "d"], [1]],
+    ),
+    (
+        {"type": "array", "prefixItems": [{"type": "integer"}, {"enum": ["x", "y"]}], "items": False},
+        [[1, "x"], [-20, "y"]],
+        [[1], [1, "z"], [1, "x", 2]],
+    ),
+    (
+        TREE,
+        [{"name": "a", "children": [{"name": "b", "children": []}]}],
+        [{"name": "a"}, {"name": "a", "children": [1]}],
+    ),
+    (
+        {
+            "definitions": {"id": {"type": "string", "format": "uuid"}},
+            "type": "array",
+            "items": {"$ref": "#/definitions/id"},
+        },
+        [["123e4567-e89b-12d3-a456-426614174000"]],
+        [["123e4567"], [1]],
+    ),
+    (
+        {"type": "object", "properties": {"on": {"type": "string", "format": "date"}, "at": {"format": "date-time"}}},
+        [{"on": "2024-05-01", "at": "2024-05-01T10:00:00Z"}, {"at": "2024-05-01T10:00:00.123+02:00"}],
+        [{"on": "May 1"}, {"at": "2024-05-01"}],
+    ),
+    (
+        {"type": "object", "additionalProperties": {"type": "integer"}},
+        [{}, {"a": 1, "b": 2}],
+        [{"a": "1"}],
+    ),
+    (
+        {
+            "type": "object",
+            "properties": {"x": {}, "n": {"type": "integer"}},
+            "additionalProperties": {"type": "string"},
+        },
+        [{"x": [None, {}]}, {"x": "z", "n": 1}, {}],
+        [{"x": 1, "y": "z"}, {"n": "z"}],
+    ),
+    ({}, [1, "a", None, [True], {"k": {}}], []),
+    ({"type": "string", "pattern": "^(ab|c)+[.]?$"}, ["ab", "cab.", "c"], ["", "a", "abab.."]),
+    (
+        {
+            "anyOf": [{"type": "integer"}, {"type": "array", "items": {"$ref": "#/$defs/string"}}],
+            "$defs": {"string": {"type": "boolean"}},
+        },
+        [3, [True]],
+        [["s"], "s"],
+    ),
+]
+
+
+def _shapes(value: Any) -> list[str]:
+    return [json.dumps(value), json.dumps(value, ensure_ascii=False)]
+
+
+@pytest.mark.parametrize(("schema", "valid", "invalid"), CASES)
+def test_grammars_are_accepted_by_llama_cpp(schema: dict[str, Any], valid: list[Any], invalid: list[Any]) -> None:
+    assert llama_accepts(schema_grammar(schema))
+
+
+@pytest.mark.parametrize(("schema", "valid", "invalid"), CASES)
+def test_valid_instances_match_and_invalid_ones_do_not(
+    schema: dict[str, Any], valid: list[Any], invalid: list[Any]
+) -> None:
+    grammar = Grammar(schema_grammar(schema))
+    validator = Draft202012Validator(schema)
+    for value in valid:
+        assert validator.is_valid(value), value
+        for text in _shapes(value):
+            assert grammar.matches(text), text
+    for value in invalid:  # invalid, or (an undeclared property) valid but never generated
+        assert not any(grammar.matches(text) for text in _shapes(value)), value
+
+
+@pytest.mark.parametrize(("schema", "valid", "invalid"), CASES)
+def test_everything_the_grammar_generates_is_valid(
+    schema: dict[str, Any], valid: list[Any], invalid: list[Any]
+) -> None:
+    grammar = Grammar(schema_grammar(schema))
+    validator = Draft202012Validator(schema)
+    rng = random.Random(1)
+    for _ in range(150):
+        text = grammar.sample(rng)
+        validator.validate(json.loads(text))
+
+
+def test_whitespace_is_bounded_to_one_space() -> None:
+    grammar = Grammar(schema_grammar({"type": "object", "properties": {"a": {"type": "integer"}}}))
+    assert grammar.matches('{ "a" : 1 } ')
+    assert not grammar.matches('{"a":  1}')
+    assert not grammar.matches('{\n"a": 1}')
+    assert not grammar.matches(' {"a": 1}')
+
+
+def test_json_object_mode_allows_any_object_and_only_json_strings() -> None:
+    assert llama_accepts(JSON_OBJECT_GRAMMAR)
+    grammar = Grammar(JSON_OBJECT_GRAMMAR)
+    assert grammar.matches('{"a": [1, {"b": null}], "c": "\\u00e9\\n"}')
+    assert grammar.matches("{}")
+    assert not grammar.matches("[]")
+    assert not grammar.matches('"a"')
+    assert not grammar.matches('{"a": "line\nbreak"}')  # a raw control character is not JSON
+
+
+def test_long_bounds_stay_within_what_llama_cpp_accepts() -> None:
+    assert llama_accepts(schema_grammar({"type": "string", "maxLength": 1000}))
+    with pytest.raises(UnsupportedSchema, match=r"^\$\.properties\.s: 'minLength' and 'maxLength' above 1000"):
+        check_schema(
+            {
+                "type": "object",
+                "properties": {"s": {"type": "string", "maxLength": 5000}},
+                "required": ["s"],
+                "additionalProperties": False,
+            },
+            strict=True,
+        )
+    relaxed = schema_grammar({"type": "array", "maxItems": 5000})
+    assert llama_accepts(relaxed)
+    assert Grammar(relaxed).matches(json.dumps(list(range(1200))))
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "object", "patternProperties": {"^a": {}}}, r"^\$: 'patternProperties' is not supported$"),
+        ({"properties": {"x": {"not": {"type": "null"}}}}, r"^\$\.properties\.x: 'not' is not supported$"),
+        ({"if": {}, "then": {}, "else": {}}, r"^\$: 'else' is not supported$"),
+        ({"properties": {"x": {"dependentSchemas": {"a": {}}}}}, r"^\$\.properties\.x: 'dependentSchemas'"),
+        ({"type": "object", "unevaluatedProperties": False}, r"^\$: 'unevaluatedProperties' is not supported$"),
+        ({"type": "array", "items": {"contains": {}}}, r"^\$\.items: 'contains' is not supported$"),
+        ({"properties": {"a b": {"propertyNames": {}}}}, r'^\$\.properties\["a b"\]: \'propertyNames\''),
+        ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, r"^\$: 'allOf' is supported only with a single schema$"),
+        ({"anyOf": [{"type": "string"}], "type": "string"}, r"^\$: 'anyOf' alongside 'type' is not supported$"),
+        ({"$ref": "#/$defs/a", "type": "string", "$defs": {"a": {}}}, r"^\$: '\$ref' alongside 'type'"),
+        ({"$ref": "https://example.com/schema"}, r"^\$: '\$ref' 'https://example.com/schema' is not supported"),
+        ({"$ref": "#"}, r"^\$: '\$ref' '#' is not supported"),
+        ({"$ref": "#/$defs/missing"}, r"points to no definition$"),
+        (
+            {"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/b"}]}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+            r"cycle",
+        ),
+        ({"type": "object", "properties": {"x": False}}, r"^\$\.properties\.x: the schema false"),
+        ({"type": "object", "required": ["x"]}, r"^\$: 'required' lists 'x', which is not in 'properties'$"),
+        ({"type": "string", "enum": ["a"], "maxLength": 3}, r"^\$: 'maxLength' alongside 'enum' is not supported$"),
+        ({"type": "integer", "enum": ["a"]}, r"no value of 'enum'"),
+        ({"prefixItems": [{}], "items": {"type": "string"}}, r"'prefixItems' is supported only with 'items': false"),
+        ({"type": "objekt"}, r"^\$\.type: not a valid JSON Schema"),
+        ({"properties": {"x": {"minLength": -1}}}, r"^\$\.properties\.x\.minLength: not a valid JSON Schema"),
+        ({"definitions": {"x": {"type": 3}}, "$ref": "#/definitions/x"}, r"^\$\.definitions\.x\.type: not a valid"),
+        ({"type": "string", "maxLength": 2, "minLength": 3}, r"'minLength' is greater than 'maxLength'"),
+    ],
+)
+def test_unsupported_constructs_are_refused_by_name(schema: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedSchema, match=message):
+        check_schema(schema, strict=False)
+    with pytest.raises(UnsupportedSchema):  # with strict, a root that is not an object may be named first
+        check_schema(schema, strict=True)
+    with pytest.raises(UnsupportedSchema, match=message):
+        schema_grammar(schema)
+
+
+def _strict_object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "array"}, r"^\$: strict requires the root to be an object"),
+        ({"type": "object", "properties": {}}, r"^\$: strict requires 'additionalProperties': false on every object$"),
+        (
+            _strict_object(
+                {"home": {"type": "object", "properties": {"zip": {"type": "string"}}, "additionalProperties": False}}
+            ),
+            r"^\$\.properties\.home: strict requires every property in 'required'; missing 'zip'$",
+        ),
+        (
+            _strict_object({"list": {"type": "array", "items": {"type": "object", "properties": {}}}}),
+            r"^\$\.properties\.list\.items: strict requires 'additionalProperties': false",
+        ),
+        (
+            _strict_object({"age": {"type": "integer", "minimum": 0}}),
+            r"^\$\.properties\.age: 'minimum' cannot be enforced",
+        ),
+        (_strict_object({"mail": {"type": "string", "format": "email"}}), r"^\$\.properties\.mail: 'format' 'email'"),
+        (_strict_object({"x": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}), r"^\$\.properties\.x: 'oneOf'"),
+        (_strict_object({"s": {"type": "string", "pattern": "^\\s+$"}}), r"^\$\.properties\.s: 'pattern' uses '\\s'"),
+        (_strict_object({"s": {"type": "string", "pattern": "abc"}}), r"'pattern' must be anchored"),
+        (_strict_object({"s": {"type": "string", "pattern": "^a$", "maxLength": 3}}), r"'pattern' with 'format'"),
+    ],
+)
+def test_strict_mode_follows_openai_rules(schema: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedSchema, match=message):
+        check_schema(schema, strict=True)
+    check_schema(schema, strict=False)
+    assert llama_accepts(schema_grammar(schema))
+
+
+def test_a_strict_schema_that_follows_the_rules_passes() -> None:
+    schema = _strict_object(
+        {
+            "name": {"type": "string", "pattern": "^[A-Z][a-z]+$"},
+            "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b"]}, "maxItems": 2},
+            "home": {"anyOf": [ADDRESS, {"type": "null"}]},
+            "when": {"type": ["string", "null"], "format": "date"},
+        }
+    )
+    check_schema(schema, strict=True)
+
+
+def test_unenforced_bounds_are_dropped_without_strict() -> None:
+    grammar = Grammar(schema_grammar({"type": "object", "properties": {"age": {"type": "integer", "minimum": 18}}}))
+    assert grammar.matches('{"age": 3}')
+
+
+def test_definition_names_never_capture_other_rules() -> None:
+    # The converter alone would resolve these references to its own "string" and "space" rules.
+    schema = {
+        "type": "object",
+        "properties": {"space": {"$ref": "#/$defs/space"}, "s": {"$ref": "#/$defs/string"}},
+        "required": ["space", "s"],
+        "$defs": {"space": {"type": "integer"}, "string": {"enum": [1, 2]}},
+    }
+    grammar = Grammar(schema_grammar(schema))
+    assert grammar.matches('{"space": 5, "s": 2}')
+    assert not grammar.matches('{"space": " ", "s": "x"}')
