@@ -17,6 +17,7 @@ from pathlib import Path
 import gevent
 
 from llmserve import lifecycle
+from llmserve.ledger.store import LedgerUnavailable, open_ledger
 from llmserve.logs import logging_config
 from llmserve.settings import SettingsError, load_settings
 
@@ -56,10 +57,17 @@ control_socket_disable = True
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Start from an empty metrics directory: samples of an earlier run's workers would be summed in."""
+    """Start from an empty metrics directory: samples of an earlier run's workers would be summed in. Bring
+    the usage ledger's schema up to date once, here, before any worker opens it; a ledger that cannot be
+    opened stops the start."""
     directory = Path(os.environ[_METRICS_DIR])
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
+    if _settings.ledger.enabled:
+        try:
+            open_ledger(_settings.ledger.resolved_url(_settings.state_dir)).close()
+        except LedgerUnavailable as error:
+            sys.exit(f"llmserve: {error}")
 
 
 def when_ready(server):  # type: ignore[no-untyped-def]

@@ -9,19 +9,24 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 from pydantic.fields import FieldInfo
 
 from llmserve.keys import KeyStore, KeyStoreError
+from llmserve.ledger import backup as backups
+from llmserve.ledger import report
+from llmserve.ledger.settings import default_url
+from llmserve.ledger.store import Ledger, LedgerUnavailable, open_ledger
 from llmserve.settings import CONFIG_ENV_VAR, ENV_PREFIX, ModelSettings, Settings, SettingsError, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Settings that are tables in the TOML file rather than single values; the model's fields get options of
-# their own, tenants are configured in the file only.
-TABLE_FIELDS = frozenset({"model", "tenants"})
+# their own, tenants, the ledger and prices are configured in the file (or the environment) only.
+TABLE_FIELDS = frozenset({"model", "tenants", "ledger", "prices"})
 
 
 def _option_for(name: str, field: FieldInfo, env_name: str) -> click.Option:
@@ -148,3 +153,99 @@ def revoke_key(config: Path | None, key_id: str) -> None:
     except KeyStoreError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"revoked {key_id}")
+
+
+def _ledger(settings: Settings) -> Ledger:
+    try:
+        return open_ledger(settings.ledger.resolved_url(settings.state_dir))
+    except LedgerUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _moment(context: click.Context, parameter: click.Parameter, value: str | None) -> datetime | None:
+    try:
+        return None if value is None else report.parse_moment(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO 8601 time or unix seconds, got {value!r}") from None
+
+
+@main.group()
+def usage() -> None:
+    """Usage and cost from the ledger."""
+
+
+@usage.command("report")
+@_config_option
+@click.option("--tenant", help="Only this tenant.")
+@click.option("--model", help="Only this model.")
+@click.option("--since", callback=_moment, help="Requests that started at or after this time (ISO 8601, unix s).")
+@click.option("--until", callback=_moment, help="Requests that started before this time.")
+@click.option("--group-by", type=click.Choice(["day", "hour"]), default="day", show_default=True, help="UTC periods.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+def usage_report(
+    config: Path | None,
+    tenant: str | None,
+    model: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    group_by: Literal["day", "hour"],
+    fmt: report.Format,
+) -> None:
+    """Requests, tokens, engine time and cost per period, tenant and model. A running server writes its
+    records every ledger.flush_interval seconds: the newest requests may be missing for that long."""
+    settings = _apply(config, {})
+    ledger = _ledger(settings)
+    try:
+        rows = ledger.query(tenant=tenant, model=model, since=since, until=until, group_by=group_by)
+    finally:
+        ledger.close()
+    click.echo(report.render(rows, fmt), nl=False)
+
+
+@main.command()
+@_config_option
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write it; default: ledger.backup_dir (STATE_DIR/backups).",
+)
+def backup(config: Path | None, directory: Path | None) -> None:
+    """Back up the SQLite ledger now, while the server runs; prints the backup's path. (A PostgreSQL ledger
+    is backed up with pg_dump or the database's own backups.)"""
+    settings = _apply(config, {})
+    ledger = Ledger.open(settings.ledger.resolved_url(settings.state_dir), migrate=False)
+    try:
+        if ledger.sqlite_path is not None and not ledger.sqlite_path.is_file():
+            raise click.ClickException(f"there is no ledger at {ledger.sqlite_path} to back up")
+        path = backups.backup(ledger, directory or settings.ledger.resolved_backup_dir(settings.state_dir))
+    except backups.BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        ledger.close()
+    click.echo(path)
+
+
+@main.command()
+@_config_option
+@click.argument("backup_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def restore(config: Path | None, backup_file: Path) -> None:
+    """Replace the ledger in the state directory with BACKUP_FILE, once its checksum and contents check
+    out. Stop the server first: the command refuses while one runs on the state directory."""
+    settings = _apply(config, {})
+    state_dir = settings.state_dir
+    if settings.ledger.url not in (None, default_url(state_dir)):
+        raise click.ClickException(
+            "restore replaces the default ledger file STATE_DIR/ledger.db, but ledger.url names another "
+            "database: restore that one with its own tools (for SQLite, copy a verified backup over it)"
+        )
+    try:
+        target = backups.restore(backup_file, state_dir)
+    except backups.BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    ledger = _ledger(settings)  # brings a backup taken by an older version up to the current schema
+    try:
+        count = ledger.count()
+    finally:
+        ledger.close()
+    click.echo(f"restored {target} from {backup_file} (checksum verified): {count} usage records")

@@ -119,6 +119,8 @@ def handle_worker_term(worker: Any, service: Any, in_flight: InFlight, graceful_
     stop_accepting = worker.handle_exit
 
     def on_term(signum: int, frame: FrameType | None) -> None:
+        if service.draining:
+            return  # a repeated signal (one sent to the whole process group) changes nothing
         stop_accepting(signum, frame)
         service.drain(drain_deadline(graceful_timeout))
         gevent.spawn(_exit_when_drained, in_flight)

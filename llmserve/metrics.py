@@ -85,6 +85,8 @@ class LLMMetrics:
     gpu_memory_total: Gauge
     prompt_tokens: Counter
     generation_tokens: Counter
+    cost: Counter
+    engine_seconds: Counter
     rejections: Counter
     cancellations: Counter
     errors: Counter
@@ -129,6 +131,10 @@ class LLMMetrics:
             prompt_tokens=counter("llmserve_prompt_tokens", "Prompt tokens of finished requests.", by_tenant),
             generation_tokens=counter(
                 "llmserve_generation_tokens", "Tokens generated for finished requests.", by_tenant
+            ),
+            cost=counter("llmserve_cost", "Cost of recorded requests, at the configured prices.", by_tenant),
+            engine_seconds=counter(
+                "llmserve_engine_seconds", "Engine time attributed to recorded requests.", by_tenant
             ),
             rejections=counter(
                 "llmserve_rejections", "Requests refused before generation, by reason.", ("model", "reason")
@@ -183,6 +189,11 @@ class LLMMetrics:
         self.request_duration.labels(model, tenant).observe(ended - started)
         if run.cancelled_by is not None:
             self.cancellations.labels(model, run.cancelled_by).inc()
+
+    def record_usage(self, model: str, tenant: str, cost: float, engine_seconds: float) -> None:
+        """Account one usage record (every request the server took on, see ``llmserve.accounting``)."""
+        self.cost.labels(model, tenant).inc(cost)
+        self.engine_seconds.labels(model, tenant).inc(engine_seconds)
 
     def publish_engine(
         self, model: str, stats: EngineStats, steps: Iterable[StepSample], tenants: Iterable[str], kv_cells: int

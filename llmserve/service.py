@@ -17,6 +17,7 @@ import gevent
 import psutil
 from flask import Flask, current_app
 
+from llmserve.accounting import Accounting
 from llmserve.chat_format import ChatFormatError, ChatFormatter, Message, select_template
 from llmserve.engine.engine import Engine, EngineState
 from llmserve.engine.llama_model import Vocabulary
@@ -40,6 +41,7 @@ class ModelService:
     def __init__(self, settings: Settings, metrics: LLMMetrics, tenancy: Tenancy) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.accounting = Accounting(settings, metrics)  # the usage ledger, opened by start()
         self._tenant_names = tuple(tenancy.tenants)
         self.engine = Engine(
             settings.model,
@@ -56,6 +58,7 @@ class ModelService:
 
     def start(self) -> None:
         self.engine.start()
+        self.accounting.start()
         gevent.spawn(self._publish_metrics)
 
     def _publish_metrics(self) -> None:
@@ -73,6 +76,7 @@ class ModelService:
 
     def stop(self) -> None:
         self.engine.stop()
+        self.accounting.stop()  # after the engine: its last Finished events complete the last records
 
     def drain(self, deadline: float) -> None:
         """Stop taking work: readiness turns 503, and running generations must end by ``deadline``."""

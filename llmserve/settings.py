@@ -17,6 +17,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from llmserve.ledger.prices import PriceSettings
+from llmserve.ledger.settings import LedgerSettings
+
 CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
 ENV_PREFIX = "LLMSERVE_"
 
@@ -122,6 +125,12 @@ class Settings(BaseSettings):
     )
     auth_failures_per_minute: int = Field(
         30, ge=1, le=100_000, description="Failed API-key attempts per client address before 429s."
+    )
+    ledger: LedgerSettings = Field(
+        default_factory=LedgerSettings, description="The usage ledger: storage, write interval, backups."
+    )
+    prices: PriceSettings = Field(
+        default_factory=PriceSettings, description="Prices per model, recorded with each request's cost."
     )
 
     @model_validator(mode="after")

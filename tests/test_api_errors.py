@@ -72,7 +72,7 @@ BAD_CHATS = [
     ),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": []}, "tools"),
     (
-        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
         "response_format.type",
     ),
 ]

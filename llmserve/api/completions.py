@@ -52,13 +52,15 @@ class CompletionRenderer:
             if text
         ]
 
-    def chunk_choice(self, update: Update) -> dict[str, Any]:
-        return {
-            "index": update.index,
-            "text": update.delta.text,
-            "logprobs": self._logprobs(update.index, update.delta.logprobs),
-            "finish_reason": update.finish_reason,
-        }
+    def chunk_choices(self, update: Update) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": update.index,
+                "text": update.delta.text,
+                "logprobs": self._logprobs(update.index, update.delta.logprobs),
+                "finish_reason": update.finish_reason,
+            }
+        ]
 
     def final_choice(self, index: int, text: str, logprobs: list[Any], finish_reason: str) -> dict[str, Any]:
         return {

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import numpy as np
 from flask import Blueprint, Response, g, jsonify
 
 from llmserve.api.request import parse_body
-from llmserve.api.runner import rejection_error
+from llmserve.api.runner import EngineTime, rejection_error
 from llmserve.api.schemas import EmbeddingRequest
-from llmserve.engine.jobs import Embeddings, EmbeddingSpec, Finished, FinishReason, Job, Rejected
+from llmserve.engine.engine import Engine
+from llmserve.engine.jobs import Admitted, Embeddings, EmbeddingSpec, Finished, FinishReason, Job, Rejected
 from llmserve.engine.stream import EventStream
 from llmserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, QueueTimeout
 from llmserve.quotas import current_quotas
-from llmserve.service import ModelService, current_service
+from llmserve.service import current_service
 from llmserve.tenancy import current_tenant
 
 blueprint = Blueprint("embeddings", __name__)
@@ -49,11 +51,14 @@ def create_embeddings() -> Response:
     prompt_tokens = sum(len(tokens) for tokens in inputs)
     tenant = current_tenant()
     reservation = current_quotas().reserve_tokens(tenant, prompt_tokens, needed=prompt_tokens)
+    run = EmbeddingRun(service.engine, EmbeddingSpec(tuple(inputs)), tenant.name)
     try:
-        vectors = _run(service, EmbeddingSpec(tuple(inputs)), tenant.name)
-    except BaseException:
+        vectors = run.vectors(service.settings.queue_timeout)
+    except BaseException as exc:
         current_quotas().settle(reservation, 0)
+        service.accounting.record_embeddings(run, tenant.name, prompt_tokens, exc)
         raise
+    service.accounting.record_embeddings(run, tenant.name, prompt_tokens)
     g.request_log.update(tenant=tenant.name, model=service.model_id, prompt_tokens=prompt_tokens)
     return jsonify(
         {
@@ -68,25 +73,45 @@ def create_embeddings() -> Response:
     )
 
 
-def _run(service: ModelService, spec: EmbeddingSpec, tenant: str) -> tuple[np.ndarray, ...]:
-    stream = EventStream()
-    job = Job(spec, stream.sink(0), tenant)
-    service.engine.submit(job)
-    vectors: tuple[np.ndarray, ...] | None = None
-    try:
-        while True:
-            item = stream.get(service.settings.queue_timeout)
-            if item is None:
-                raise QueueTimeout("The embedding request waited too long; retry later.", retry_after=1)
-            event = item[1]
-            if isinstance(event, Embeddings):
-                vectors = event.vectors
-            elif isinstance(event, Rejected):
-                raise rejection_error(event)
-            elif isinstance(event, Finished):
-                if event.reason is not FinishReason.STOP or vectors is None:
-                    raise EngineFailure("The engine could not compute these embeddings.")
-                return vectors
-    finally:
-        if vectors is None:
-            service.engine.cancel(job)
+class EmbeddingRun:
+    """One embedding job on the engine: its vectors, when it got the engine, and its engine time."""
+
+    def __init__(self, engine: Engine, spec: EmbeddingSpec, tenant: str) -> None:
+        self._engine = engine
+        self._stream = EventStream()
+        self._job = Job(spec, self._stream.sink(0), tenant)
+        self._engine_time = EngineTime(1)
+        self.admitted_at: float | None = None
+
+    @property
+    def engine_seconds(self) -> float:
+        return self._engine_time.seconds
+
+    def settle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the engine's last event; call once ``vectors`` has returned."""
+        return self._engine_time.settle(self._stream, timeout)
+
+    def vectors(self, timeout: float) -> tuple[np.ndarray, ...]:
+        """Submit the job and wait for its vectors; a 503 if no event came for ``timeout`` seconds."""
+        self._engine.submit(self._job)
+        vectors: tuple[np.ndarray, ...] | None = None
+        try:
+            while True:
+                item = self._stream.get(timeout)
+                if item is None:
+                    raise QueueTimeout("The embedding request waited too long; retry later.", retry_after=1)
+                event = item[1]
+                self._engine_time.note(0, event)
+                if isinstance(event, Admitted):
+                    self.admitted_at = time.monotonic()
+                elif isinstance(event, Embeddings):
+                    vectors = event.vectors
+                elif isinstance(event, Rejected):
+                    raise rejection_error(event)
+                elif isinstance(event, Finished):
+                    if event.reason is not FinishReason.STOP or vectors is None:
+                        raise EngineFailure("The engine could not compute these embeddings.")
+                    return vectors
+        finally:
+            if vectors is None:
+                self._engine.cancel(self._job)

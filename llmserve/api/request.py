@@ -92,6 +92,7 @@ def build_choices(
     requested: int | None,
     default_max_tokens: int | None,
     top_logprobs: int | None,
+    grammar: str | None = None,
 ) -> list[Choice]:
     """One choice per prompt and per ``n``, indexed as the OpenAI API does (prompt-major). Choices of one
     prompt get consecutive seeds, so a seeded request with ``n`` > 1 still gets different choices."""
@@ -126,7 +127,7 @@ def build_choices(
         budget = output_budget(len(prompt), requested, context_length, default_max_tokens)
         for offset in range(body.n):
             seed = None if sampling.seed is None else sampling.seed + offset
-            spec = GenerationSpec(prompt, budget, replace(sampling, seed=seed), top_logprobs)
+            spec = GenerationSpec(prompt, budget, replace(sampling, seed=seed), top_logprobs, grammar)
             choices.append(Choice(len(choices), spec, body.stop_sequences, prompt_index))
     return choices
 
@@ -139,7 +140,9 @@ class Renderer(Protocol):
 
     def opening_chunks(self) -> list[dict[str, Any]]: ...
 
-    def chunk_choice(self, update: Update) -> dict[str, Any]: ...
+    def chunk_choices(self, update: Update) -> list[dict[str, Any]]:
+        """The chunk choices one update streams as (a chat reply read for tool calls may need several)."""
+        ...
 
     def final_choice(self, index: int, text: str, logprobs: list[Any], finish_reason: str) -> dict[str, Any]: ...
 
@@ -178,17 +181,19 @@ def respond(
     )
     try:
         run.admit()
-    except BaseException:
+    except BaseException as exc:
         run.close()
         quotas.settle(reservation, 0)
+        service.accounting.record_generation(run, tenant.name, exc)
         raise
     started = g.get("started", time.monotonic())
 
-    def finish() -> None:
+    def finish(error: BaseException | None = None) -> None:
         run.close()
         quotas.settle(reservation, run.usage.prompt_tokens + run.usage.completion_tokens)
         service.metrics.record_request(service.model_id, tenant.name, run, started, time.monotonic())
         g.request_log.update(_log_fields(service, run, choices, started, tenant.name))
+        service.accounting.record_generation(run, tenant.name, error)
 
     created = int(time.time())
     envelope = {"id": response_id, "created": created, "model": service.model_id}
@@ -202,8 +207,10 @@ def respond(
                 texts, logprobs = collected[update.index]
                 texts.append(update.delta.text)
                 logprobs.extend(update.delta.logprobs)
-    finally:
-        finish()
+    except BaseException as exc:
+        finish(exc)
+        raise
+    finish()
     final = [
         renderer.final_choice(i, "".join(texts), logprobs, run.finish_reasons[i])
         for i, (texts, logprobs) in sorted(collected.items())
@@ -243,6 +250,10 @@ def _stream_chunks(
     for choice in renderer.opening_chunks():
         yield {**envelope, "choices": [choice], **extra}
     for update in run.updates():
-        yield None if update is None else {**envelope, "choices": [renderer.chunk_choice(update)], **extra}
+        if update is None:
+            yield None
+            continue
+        for choice in renderer.chunk_choices(update):
+            yield {**envelope, "choices": [choice], **extra}
     if include_usage:
         yield {**envelope, "choices": [], "usage": run.usage.as_dict()}

@@ -84,6 +84,37 @@ def rejection_error(event: Rejected) -> APIError:
     return _shutting_down()
 
 
+class EngineTime:
+    """The engine time of a request's jobs, complete once each job has sent its last event (``Finished``,
+    or ``Rejected`` for one that never ran)."""
+
+    def __init__(self, jobs: int) -> None:
+        self._seconds = [0.0] * jobs
+        self._waiting = set(range(jobs))
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._seconds)
+
+    def note(self, tag: int, event: object) -> None:
+        if isinstance(event, Finished):
+            self._seconds[tag] = event.engine_seconds
+            self._waiting.discard(tag)
+        elif isinstance(event, Rejected):
+            self._waiting.discard(tag)
+
+    def settle(self, stream: EventStream, timeout: float) -> bool:
+        """Take the stream's remaining events until every job has reported, for up to ``timeout`` seconds;
+        False if some did not. Only for a request that no longer reads its stream."""
+        deadline = time.monotonic() + timeout
+        while self._waiting:
+            item = stream.get(max(0.0, deadline - time.monotonic()))
+            if item is None:
+                return False
+            self.note(*item)
+        return True
+
+
 def _shutting_down() -> ServiceUnavailable:
     return ServiceUnavailable("The server is shutting down; retry on another instance.", retry_after=1)
 
@@ -123,9 +154,11 @@ class GenerationRun:
         self._last_token_at: dict[int, float] = {}
         self.token_gaps: list[float] = []  # seconds between consecutive tokens of a choice, as delivered
         self.cancelled_by: str | None = None  # why generation ended early: client_disconnected, shutting_down
+        self._engine_time = EngineTime(len(choices))
 
     def admit(self) -> None:
-        """Submit every job and wait until all hold a slot; raise a 503 error if any is refused."""
+        """Submit every job and wait until all hold a slot; raise a 503 error if any is refused (a 500 if the
+        engine could not start it)."""
         for job in self._jobs:
             self._engine.submit(job)
         waiting = set(range(len(self._jobs)))
@@ -137,6 +170,8 @@ class GenerationRun:
             tag, event = item
             if isinstance(event, Rejected):
                 raise rejection_error(event)
+            if isinstance(event, Finished) and event.reason is FinishReason.ERROR:
+                raise EngineFailure("The engine could not start this generation.")
             if isinstance(event, Finished):
                 raise _shutting_down()  # the engine ended a job that had not even started
             if isinstance(event, Admitted):
@@ -189,9 +224,19 @@ class GenerationRun:
                     raise ClientDisconnected("The client closed the connection.")
             item = self._stream.get(max(0.0, min(self._client_check_at, deadline) - now))
             if item is not None:
+                self._engine_time.note(*item)
                 return item
             if time.monotonic() >= deadline:
                 return None
+
+    @property
+    def engine_seconds(self) -> float:
+        """Engine time of the jobs that have reported it; all of them once ``settle`` returned True."""
+        return self._engine_time.seconds
+
+    def settle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the engine's last event of every job; call after ``close``."""
+        return self._engine_time.settle(self._stream, timeout)
 
     def _apply(self, tag: int, event: object) -> Update | None:
         text = self._texts[tag]

@@ -7,11 +7,12 @@ that exist in the API but are not supported here are refused by name.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 128  # as the OpenAI API allows
 TOKEN_ID = re.compile(r"[0-9]{1,9}")
 
 
@@ -114,11 +115,64 @@ class CompletionRequest(GenerationRequest):
         return _prompt_list(value)
 
 
+class FunctionDefinition(StrictModel):
+    """A function the model may call; its name and parameters are checked where the grammar is built."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+def _choice_kind(value: Any) -> str:
+    """Which form a tool_choice takes. The tags hold a '-' so that error locations leave them out."""
+    return "choice-mode" if isinstance(value, str) else "choice-function"
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("choice-mode")]
+    | Annotated[NamedToolChoice, Tag("choice-function")],
+    Discriminator(_choice_kind),
+]
+FunctionChoice = Annotated[
+    Annotated[Literal["none", "auto"], Tag("choice-mode")] | Annotated[FunctionName, Tag("choice-function")],
+    Discriminator(_choice_kind),
+]
+
+
+class FunctionCall(StrictModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(StrictModel):
+    id: str = Field(min_length=1)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    refusal: str | None = None  # sent back by clients that replay a response's message as they got it
 
     @field_validator("content", mode="before")
     @classmethod
@@ -138,18 +192,45 @@ class ChatMessage(StrictModel):
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
-        if self.content is None:
+        calls = bool(self.tool_calls) or self.function_call is not None
+        if self.role != "assistant" and (calls or self.refusal is not None):
+            raise ValueError("only assistant messages may hold tool_calls, function_call or refusal")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.role == "function" and not self.name:
+            raise ValueError("a function message needs the name of the function")
+        if self.content is None and not calls and self.refusal is None:
             raise ValueError(f"a {self.role} message needs content")
         return self
 
 
+class JSONSchemaFormat(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(StrictModel):
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with, and only allowed with, the type json_schema")
+        return self
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # The deprecated form of tools: one call at most, returned as message.function_call.
+    functions: list[FunctionDefinition] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    function_call: FunctionChoice | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -21,6 +21,7 @@ import numpy as np
 from gevent import monkey
 
 from llmserve.engine.embedder import Embedder
+from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import (
     Admitted,
     Embeddings,
@@ -89,6 +90,16 @@ class Slot:
         return self.spec is not None and self.prefilled < len(self.spec.prompt)
 
 
+def charge_step(seconds: float, jobs: Sequence[Job], tokens: Sequence[int]) -> None:
+    """Split one step's time among its jobs by the tokens each put into the batch (a decoded token counts
+    one, a prefill chunk its length), so that the engine time of all jobs adds up to the engine's."""
+    total = sum(tokens)
+    if total:
+        per_token = seconds / total
+        for job, count in zip(jobs, tokens, strict=True):
+            job.engine_seconds += per_token * count
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     length = min(len(a), len(b))
     for i in range(length):
@@ -125,6 +136,8 @@ class Engine:
         self._embedded: dict[Job, list[np.ndarray]] = {}
         self._stopping = False
         self._drain_deadline: float | None = None
+        # Jobs retired while a step samples: their Finished waits until the step's time is charged.
+        self._finishing: list[tuple[Job, FinishReason]] | None = None
         self._exited = _native_lock()
         self.state = EngineState.STARTING
         self.failure: str | None = None
@@ -324,14 +337,14 @@ class Engine:
             if job.cancelled:
                 self._scheduler.remove(job)
                 self._stats.cancelled += 1
-                job.sink.push(Finished(FinishReason.CANCELLED))
+                job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
         for job in self._scheduler.expired():
             self._stats.rejected += 1
             job.sink.push(Rejected(RejectReason.QUEUE_TIMEOUT, self._drain.retry_after(len(self._scheduler))))
         for job in [job for job in self._embed_queue if job.cancelled]:
             self._embed_queue.remove(job)
             self._embedded.pop(job, None)
-            job.sink.push(Finished(FinishReason.CANCELLED))
+            job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
         for slot in self._slots:
             if slot.job is not None and slot.job.stop_reason is not None:
                 self._retire(slot, slot.job.stop_reason)
@@ -351,8 +364,13 @@ class Engine:
             reuse = context.forget(slot.index, min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
-            assert self.vocab is not None
-            slot.sampler = None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
+            try:
+                slot.sampler = self._sampler(spec)
+            except GrammarError:
+                log.error("engine %s: llama.cpp refused the grammar of job %d", self.settings.id, job.id)
+                self._retire(slot, FinishReason.ERROR)
+                free.append(slot)
+                continue
             self._stats.cached_prompt_tokens += reuse
             # Charged now rather than as it is decoded, so that slots freed together are not all given to
             # one tenant before its prompt shows in its counter. Reused tokens cost nothing to compute.
@@ -362,6 +380,13 @@ class Engine:
             if shared >= reuse + MIN_SHARED_PREFIX:
                 slot.donor, slot.shared = donor, shared
                 self._resolve_donors(context)
+
+    def _sampler(self, spec: GenerationSpec) -> Sampler | None:
+        """The sequence's sampler; None for greedy decoding without a grammar (a numpy argmax in ``_sample``)."""
+        assert self.vocab is not None
+        if spec.grammar is None:
+            return None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
+        return Sampler(spec.sampling, self.vocab.size, Grammar(self.vocab, spec.grammar))
 
     def _best_donor(self, slot: Slot) -> tuple[Slot | None, int]:
         """The other slot that holds, or is computing, the longest prefix of ``slot``'s prompt.
@@ -403,14 +428,19 @@ class Engine:
     def _step(self, context: LlamaContext) -> None:
         context.clear_batch()
         active = [slot for slot in self._slots if slot.computing]
+        jobs: list[Job] = []
+        tokens: list[int] = []  # what each active slot puts into the batch, for charging the step's time
         for slot in active:
+            assert slot.job is not None
+            jobs.append(slot.job)
+            tokens.append(0 if slot.prefilling else 1)
             slot.output_index = -1
             if not slot.prefilling:
                 slot.output_row = context.outputs
                 slot.output_index = context.add(slot.next_token, len(slot.cached), slot.index, True)
                 slot.cached.append(slot.next_token)
         budget = context.capacity - context.batch_size
-        for slot in active:
+        for number, slot in enumerate(active):
             if budget <= 0:
                 break
             if not slot.prefilling:
@@ -423,18 +453,28 @@ class Engine:
             for position in range(slot.prefilled, chunk_end):
                 index = context.add(prompt[position], position, slot.index, position == len(prompt) - 1)
             slot.cached.extend(prompt[slot.prefilled : chunk_end])
+            tokens[number] = chunk_end - slot.prefilled
             budget -= chunk_end - slot.prefilled
             self._stats.prompt_tokens += chunk_end - slot.prefilled
             slot.prefilled = chunk_end
             if chunk_end == len(prompt):
                 slot.output_index = index
         started = time.perf_counter()
-        context.decode()
-        logits = context.logits()
-        for slot in active:
-            if slot.output_index >= 0:
-                self._sample(context, logits[slot.output_row], slot)
-        self._stats.record_step(time.perf_counter() - started, context.batch_size)
+        finishing: list[tuple[Job, FinishReason]] = []
+        self._finishing = finishing
+        try:
+            context.decode()
+            logits = context.logits()
+            for slot in active:
+                if slot.output_index >= 0:
+                    self._sample(context, logits[slot.output_row], slot)
+            seconds = time.perf_counter() - started
+            self._stats.record_step(seconds, context.batch_size)
+            charge_step(seconds, jobs, tokens)
+        finally:
+            self._finishing = None
+            for job, reason in finishing:
+                job.sink.push(Finished(reason, job.engine_seconds))
         self._resolve_donors(context)
 
     def _sample(self, context: LlamaContext, logits: np.ndarray, slot: Slot) -> None:
@@ -443,7 +483,12 @@ class Engine:
         if slot.sampler is None:
             token = greedy_token(logits, slot.spec.sampling.logit_bias)
         else:
-            token = slot.sampler.sample(context.pointer, slot.output_index)
+            try:
+                token = slot.sampler.sample(context.pointer, slot.output_index, logits)
+            except GrammarError as exc:
+                log.error("engine %s: job %d stopped: %s", self.settings.id, slot.job.id, exc)
+                self._retire(slot, FinishReason.ERROR)
+                return
         logprob = None
         if slot.spec.top_logprobs is not None:
             logprob = token_logprob(logits, token, slot.spec.top_logprobs)
@@ -459,7 +504,10 @@ class Engine:
 
     def _retire(self, slot: Slot, reason: FinishReason) -> None:
         assert slot.job is not None
-        slot.job.sink.push(Finished(reason))
+        if self._finishing is None:
+            slot.job.sink.push(Finished(reason, slot.job.engine_seconds))
+        else:
+            self._finishing.append((slot.job, reason))  # told once this step's time is charged
         if reason is FinishReason.CANCELLED:
             self._stats.cancelled += 1
         self._scheduler.release(slot.job)
@@ -477,14 +525,18 @@ class Engine:
         remaining = job.spec.inputs[len(done) :]
         if not done:
             job.sink.push(Admitted(cached_tokens=0))
+        started = time.perf_counter()
         vectors = embedder.embed(remaining[: embedder.fitting(remaining)])
+        seconds = time.perf_counter() - started
+        job.engine_seconds += seconds
+        self._stats.record_embedding(seconds)
         done.extend(vectors)
         self._stats.embedded_inputs += len(vectors)
         if len(done) == len(job.spec.inputs):
             self._embed_queue.pop(0)
             del self._embedded[job]
             job.sink.push(Embeddings(tuple(done)))
-            job.sink.push(Finished(FinishReason.STOP))
+            job.sink.push(Finished(FinishReason.STOP, job.engine_seconds))
 
     def _fail_everything(self) -> None:
         """Leave no waiting client behind when the thread ends, however it ends."""

@@ -1,8 +1,8 @@
 """What greenlets hand the engine (jobs) and what the engine hands back (events).
 
 Jobs and events are small immutable values so that crossing from the engine's native thread to the gevent
-hub needs no locks: a job's only mutable field is its ``cancelled`` flag, written by the request side
-and read by the engine between steps.
+hub needs no locks: a job's mutable fields are its stop reason, written by the request side and read by
+the engine between steps, and its engine time, written by the engine alone.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class GenerationSpec:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     top_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
+    grammar: str | None = None  # GBNF (rule ``root``) the output must match: structured outputs, tool calls
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -128,7 +129,10 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class Finished:
+    """The job's last event; ``engine_seconds`` is the engine time attributed to it, whatever its end."""
+
     reason: FinishReason
+    engine_seconds: float = 0.0
 
 
 Event = Admitted | PrefixCopied | Rejected | Token | Embeddings | Finished
@@ -146,6 +150,8 @@ class Job:
 
     ``stop_reason`` is the one field the request side writes: set, it asks the engine to end the job
     (CANCELLED when the client left, STOP when a stop sequence was found) before its next step.
+    ``engine_seconds`` is written by the engine thread only, and read by the request side only through
+    the ``Finished`` event.
     """
 
     spec: GenerationSpec | EmbeddingSpec
@@ -153,6 +159,7 @@ class Job:
     tenant: str = "default"
     id: int = field(default_factory=lambda: next(_job_ids))
     stop_reason: FinishReason | None = None
+    engine_seconds: float = 0.0
 
     @property
     def cancelled(self) -> bool:

@@ -31,6 +31,7 @@ class Vocabulary:
 
     def __init__(self, model: lc.llama_model_p) -> None:
         self._vocab = lc.llama_model_get_vocab(model)
+        self.pointer = self._vocab  # for llama.cpp calls that need the vocabulary itself (grammars)
         self.size = lc.llama_vocab_n_tokens(self._vocab)
         self.bos = lc.llama_vocab_bos(self._vocab)
         self.eos = lc.llama_vocab_eos(self._vocab)

@@ -38,6 +38,7 @@ class EngineStats:
     last_step_seconds: float = 0.0
     last_batch_tokens: int = 0
     tokens_per_second: float = 0.0
+    busy_seconds: float = 0.0  # decode steps (with sampling) and embedding decodes, since the start
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -58,6 +59,7 @@ class StatsRecorder:
     last_step_seconds: float = 0.0
     last_batch_tokens: int = 0
     tokens_per_second: float = 0.0
+    busy_seconds: float = 0.0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -73,12 +75,16 @@ class StatsRecorder:
 
     def record_step(self, seconds: float, batch_tokens: int) -> None:
         self.steps += 1
+        self.busy_seconds += seconds
         self.last_step_seconds = seconds
         self.last_batch_tokens = batch_tokens
         self.recent_steps.append(StepSample(seconds, batch_tokens))
         if seconds > 0:
             # Smoothed over roughly the last 20 steps.
             self.tokens_per_second += (batch_tokens / seconds - self.tokens_per_second) / 20
+
+    def record_embedding(self, seconds: float) -> None:
+        self.busy_seconds += seconds
 
     def take_steps(self) -> list[StepSample]:
         """The steps recorded since the last call (hub side)."""
