@@ -33,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadgen import LoadConfig, RequestResult, percentile, stream_completion
+from loadgen import BackgroundClients, LoadConfig, RequestResult, percentile, stream_completion
 from servers import ManagedServer, ServerSpec
 
 from llmserve.keys import KeyStore
@@ -74,7 +74,7 @@ def server(name: str, tenants: str, policy: str, args: argparse.Namespace) -> It
             managed.stop()
 
 
-class Flood:
+class Flood(BackgroundClients):
     """``streams`` clients of one tenant sending streamed completions back to back until stopped.
 
     Request lengths vary between half and one and a half times ``max_tokens`` (seeded), and the clients
@@ -83,32 +83,21 @@ class Flood:
     """
 
     def __init__(self, key: str, streams: int, max_tokens: int) -> None:
+        super().__init__(streams)
         self.config = LoadConfig(base_url=URL, model=MODEL, api_key=key, max_tokens=max_tokens, read_timeout_s=600)
         self.results: list[RequestResult] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(streams)]
 
     def _client(self, number: int) -> None:
         lengths = random.Random(number)
-        if self._stop.wait(number * STAGGER):
+        if self.stopping.wait(number * STAGGER):
             return
         with httpx.Client(base_url=URL, timeout=600, headers={"Authorization": f"Bearer {self.config.api_key}"}) as c:
             index = 0
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 base = self.config.max_tokens
                 config = replace(self.config, max_tokens=lengths.randint(base // 2, base * 3 // 2))
-                self.results.append(stream_completion(c, config, index, self._stop))
+                self.results.append(stream_completion(c, config, index, self.stopping))
                 index += 1
-
-    def __enter__(self) -> Flood:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
 
     def tokens_between(self, start: float, end: float) -> int:
         return sum(1 for result in self.results for t in result.token_times() if start <= t < end)

@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import LoadConfig, RequestResult, stream_completion
+from loadgen import BackgroundClients, LoadConfig, RequestResult, stream_completion
 from servers import ManagedServer, ServerSpec
 
 LLMSERVE = str(Path(sys.executable).parent / "llmserve")
@@ -42,35 +42,24 @@ def spec(args: argparse.Namespace) -> ServerSpec:
     return ServerSpec("lifecycle", [LLMSERVE, "serve"], URL, "/readyz", Path(args.logs) / "lifecycle.log", env)
 
 
-class Load:
+class Load(BackgroundClients):
     """``clients`` streams back to back; a refused connection counts as a failed request and is retried
     after a short pause, as a client with a retry policy would."""
 
     def __init__(self, clients: int, max_tokens: int) -> None:
+        super().__init__(clients)
         self.config = LoadConfig(base_url=URL, model="gemma-3-270m", max_tokens=max_tokens, read_timeout_s=120)
         self.results: list[RequestResult] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
-    def _client(self) -> None:
+    def _client(self, number: int) -> None:
         index = 0
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             with httpx.Client(base_url=URL, timeout=120) as client:
                 result = stream_completion(client, self.config, index, threading.Event())
             self.results.append(result)
             index += 1
             if not result.ok:
                 time.sleep(0.2)
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
 
     def summary(self, start: float, end: float) -> dict[str, Any]:
         inside = [r for r in self.results if start <= r.started_s < end]

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -211,6 +211,28 @@ def stream_completion(client: httpx.Client, cfg: LoadConfig, index: int, abort: 
     except (_Aborted, httpx.HTTPError, json.JSONDecodeError, ValueError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:400]
     return res
+
+
+class BackgroundClients:
+    """``count`` client threads running ``_client(number)`` from ``with`` until the block ends; subclasses
+    check ``self.stopping`` between requests."""
+
+    def __init__(self, count: int) -> None:
+        self.stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(count)]
+
+    def _client(self, number: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
 
 
 class _RequestBudget:

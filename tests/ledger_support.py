@@ -46,24 +46,34 @@ def make_record(number: int, **changes: Any) -> UsageRecord:
 
 
 @contextmanager
-def postgres_schema() -> Iterator[str]:
-    """A URL whose connections use a fresh schema, dropped afterwards."""
-    schema = f"llmserve_test_{uuid.uuid4().hex[:12]}"
+def postgres_object(kind: str, prefix: str) -> Iterator[str]:
+    """A fresh PostgreSQL ``kind`` (SCHEMA or DATABASE) named ``prefix`` + random, dropped afterwards.
+
+    Without a server the test is skipped, except in CI, where PostgreSQL must be there.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
-            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+            connection.execute(text(f'CREATE {kind} "{name}"'))
     except OperationalError as exc:
         admin.dispose()
         if os.environ.get("CI"):
             raise
         pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc.orig}")
     try:
-        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+        yield name
     finally:
         with admin.connect() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            connection.execute(text(f'DROP {kind} "{name}" ' + ("CASCADE" if kind == "SCHEMA" else "WITH (FORCE)")))
         admin.dispose()
+
+
+@contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A URL whose connections use a fresh schema, dropped afterwards."""
+    with postgres_object("SCHEMA", "llmserve_test") as schema:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
 
 
 @contextmanager

@@ -20,9 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 
 from llmserve.keys import KeyStore
 from llmserve.ledger.owner import JOBS_LOCK, OwnerLock
@@ -39,7 +38,7 @@ from tests.integration.conftest import (
     stop_server,
     wait_for,
 )
-from tests.ledger_support import POSTGRES_URL
+from tests.ledger_support import POSTGRES_URL, postgres_object
 
 pytestmark = pytest.mark.slow
 
@@ -124,22 +123,8 @@ def cli_env(directory: Path, ledger_url: str | None = None) -> dict[str, str]:
 @contextmanager
 def fresh_postgres_database() -> Iterator[str]:
     """The URL of a database created for this module, dropped afterwards."""
-    name = f"llmserve_usage_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc.orig}")
-    try:
+    with postgres_object("DATABASE", "llmserve_usage") as name:
         yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
