@@ -9,7 +9,6 @@ PyYAML is importable both must read every file the same. kubectl, when installed
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from llmserve.settings import ENV_PREFIX, ModelSettings, Settings
 
@@ -295,180 +295,6 @@ def test_env_file_names_real_settings_and_fits_the_stop_timeout() -> None:
     assert int(env["LLMSERVE_GRACEFUL_TIMEOUT"]) < stop
 
 
-# --- a reader for the YAML the manifests are written in --------------------------------------------
-
-
-class YamlSubsetError(ValueError):
-    pass
-
-
-_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
-_FLOAT = re.compile(r"[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
-_AMBIGUOUS = {"yes", "no", "on", "off", "y", "n", "~", "null", "Null", "NULL", "True", "False", "TRUE", "FALSE"}
-
-
-def _scalar(text: str, where: str) -> Any:
-    text = text.strip()
-    if text.startswith('"'):
-        end = text.rindex('"')
-        if text[end + 1 :].strip() and not text[end + 1 :].strip().startswith("#"):
-            raise YamlSubsetError(f"{where}: text after a quoted scalar")
-        return json.loads(text[: end + 1])
-    text = re.split(r"\s+#", text, maxsplit=1)[0].strip()
-    if text.startswith("["):
-        if not text.endswith("]"):
-            raise YamlSubsetError(f"{where}: flow sequence on one line only")
-        inner = text[1:-1].strip()
-        return [_scalar(part, where) for part in inner.split(",")] if inner else []
-    if text == "{}":
-        return {}
-    if not text or text[0] in "'{&*!|>%@`?" or text in _AMBIGUOUS or re.fullmatch(r"0[0-9]+", text):
-        raise YamlSubsetError(f"{where}: {text!r} is outside the supported subset")
-    if text in {"true", "false"}:
-        return text == "true"
-    if _INT.fullmatch(text):
-        return int(text)
-    if _FLOAT.fullmatch(text):
-        return float(text)
-    return text
-
-
-class YamlSubset:
-    """Block mappings and sequences (nested sequences indented or not), plain, double-quoted and one-line
-    flow-sequence scalars, `|` and `|-` literal blocks, comments, `---` between documents. Anything else
-    (anchors, tags, single quotes, folded blocks, yes/no booleans, octal-looking numbers) is refused, so
-    the subset cannot silently read a file differently from a real YAML parser."""
-
-    def __init__(self, text: str, name: str) -> None:
-        if "\t" in text:
-            raise YamlSubsetError(f"{name}: tabs")
-        self.lines = text.split("\n")
-        self.name = name
-        self.i = 0
-
-    @classmethod
-    def load_all(cls, text: str, name: str) -> list[Any]:
-        documents: list[list[str]] = [[]]
-        for line in text.split("\n"):
-            if line.rstrip() == "---":
-                documents.append([])
-            else:
-                documents[-1].append(line)
-        loaded = [cls("\n".join(lines), name).document() for lines in documents]
-        return [doc for doc in loaded if doc is not None]
-
-    def where(self) -> str:
-        return f"{self.name}:{self.i + 1}"
-
-    def next_significant(self) -> tuple[int, str] | None:
-        """(indent, content) of the next line that is neither blank nor a comment, skipping to it."""
-        while self.i < len(self.lines):
-            line = self.lines[self.i]
-            content = line.strip()
-            if content and not content.startswith("#"):
-                return len(line) - len(line.lstrip(" ")), content
-            self.i += 1
-        return None
-
-    def document(self) -> Any:
-        head = self.next_significant()
-        if head is None:
-            return None
-        node = self.node(head[0])
-        if self.next_significant() is not None:
-            raise YamlSubsetError(f"{self.where()}: unexpected indentation")
-        return node
-
-    def node(self, indent: int) -> Any:
-        head = self.next_significant()
-        assert head is not None and head[0] == indent
-        if head[1] == "-" or head[1].startswith("- "):
-            return self.sequence(indent)
-        return self.mapping(indent)
-
-    def sequence(self, indent: int) -> list[Any]:
-        items: list[Any] = []
-        while (head := self.next_significant()) and head[0] == indent and (head[1] == "-" or head[1][:2] == "- "):
-            rest = head[1][1:].strip()
-            if not rest:
-                self.i += 1
-                child = self.next_significant()
-                if child is None or child[0] <= indent:
-                    raise YamlSubsetError(f"{self.where()}: empty sequence item")
-                items.append(self.node(child[0]))
-            elif re.match(r"[^\"\[{][^:]*:(\s|$)", rest):
-                # "- key: value": a mapping whose first key sits on the dash's line.
-                line = self.lines[self.i]
-                dash = line.index("-")
-                line = line[:dash] + " " + line[dash + 1 :]
-                self.lines[self.i] = line
-                items.append(self.mapping(len(line) - len(line.lstrip(" "))))
-            else:
-                items.append(_scalar(rest, self.where()))
-                self.i += 1
-        return items
-
-    def mapping(self, indent: int) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        while (head := self.next_significant()) and head[0] == indent and not head[1].startswith("- "):
-            match = re.fullmatch(r"([^\s\"'#\[\]{},][^:#]*?):(?:\s+(.*))?", head[1])
-            if not match:
-                raise YamlSubsetError(f"{self.where()}: expected `key: value`, got {head[1]!r}")
-            key, rest = match.group(1), (match.group(2) or "").strip()
-            if key in result:
-                raise YamlSubsetError(f"{self.where()}: duplicate key {key!r}")
-            self.i += 1
-            if rest in {"|", "|-"}:
-                result[key] = self.literal(indent, keep_newline=rest == "|")
-            elif rest and not rest.startswith("#"):
-                result[key] = _scalar(rest, self.where())
-            else:
-                child = self.next_significant()
-                if child and (child[0] > indent or (child[0] == indent and child[1][:2] == "- ")):
-                    result[key] = self.node(child[0])
-                else:
-                    raise YamlSubsetError(f"{self.where()}: {key!r} has no value")
-        if head and head[0] > indent:
-            raise YamlSubsetError(f"{self.where()}: unexpected indentation")
-        return result
-
-    def literal(self, parent_indent: int, *, keep_newline: bool) -> str:
-        block: list[str] = []
-        block_indent = None
-        while self.i < len(self.lines):
-            line = self.lines[self.i]
-            if line.strip():
-                indent = len(line) - len(line.lstrip(" "))
-                if indent <= parent_indent:
-                    break
-                block_indent = indent if block_indent is None else block_indent
-                if indent < block_indent:
-                    raise YamlSubsetError(f"{self.where()}: literal block less indented than its first line")
-                block.append(line[block_indent:])
-            else:
-                block.append("")
-            self.i += 1
-        while block and not block[-1]:
-            block.pop()
-        text = "\n".join(block)
-        return text + "\n" if keep_newline and text else text
-
-
-def test_yaml_subset_reader() -> None:
-    text = (
-        'a: 1\nb:\n  - x\n  - name: nm\n    value: "5"\n  -\n    - 2\nc: |\n  # kept\n  k = 1\n\nd:\n- 0.0.0.0\n'
-        'e: [sleep, "5"]\n---\n# second\nf: {}\n'
-    )
-    assert YamlSubset.load_all(text, "t") == [
-        {"a": 1, "b": ["x", {"name": "nm", "value": "5"}, [2]], "c": "# kept\nk = 1\n", "d": ["0.0.0.0"],
-         "e": ["sleep", "5"]},
-        {"f": {}},
-    ]  # fmt: skip
-    for outside in ("a: yes\n", "a: &x 1\n", "a: 'q'\n", "a: 0755\n", "a: >\n  folded\n", "a: 1\n  b: 2\n"):
-        with pytest.raises(YamlSubsetError):
-            YamlSubset.load_all(outside, "t")
-
-
 # --- Kubernetes -----------------------------------------------------------------------------------
 
 
@@ -476,10 +302,14 @@ def manifest_files() -> list[Path]:
     return sorted(K8S.rglob("*.yaml"))
 
 
+def load_yaml(text: str) -> list[Any]:
+    return [document for document in yaml.safe_load_all(text) if document is not None]
+
+
 def load_manifests(directory: Path) -> list[dict[str, Any]]:
     documents = []
     for path in sorted(directory.glob("*.yaml")):
-        documents.extend(YamlSubset.load_all(path.read_text(), str(path.relative_to(ROOT))))
+        documents.extend(load_yaml(path.read_text()))
     return documents
 
 
@@ -498,20 +328,12 @@ def env_of(spec: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in spec.get("env", []) if "value" in item}
 
 
-def test_every_manifest_is_read_the_same_as_by_a_yaml_parser() -> None:
+def test_every_manifest_parses() -> None:
     files = manifest_files()
     assert {path.name for path in files} >= {"kustomization.yaml", "deployment.yaml", "deployment-gpu.yaml"}
     for path in files:
-        documents = YamlSubset.load_all(path.read_text(), str(path.relative_to(ROOT)))
+        documents = load_yaml(path.read_text())
         assert documents and all(isinstance(doc, dict) for doc in documents), path
-    try:
-        import yaml
-    except ImportError:
-        return  # PyYAML is not a dependency; the subset reader refuses what it cannot read
-    for path in files:
-        text = path.read_text()
-        expected = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-        assert YamlSubset.load_all(text, path.name) == expected, path
 
 
 def check_deployment(deployment: dict[str, Any], service: dict[str, Any] | None) -> None:
@@ -587,7 +409,7 @@ def test_configmap_and_deployment_env_make_valid_settings(monkeypatch: pytest.Mo
 
 def test_kustomizations_list_existing_files() -> None:
     for directory in (K8S_BASE, K8S_GPU):
-        kustomization = YamlSubset.load_all((directory / "kustomization.yaml").read_text(), "kustomization")[0]
+        kustomization = load_yaml((directory / "kustomization.yaml").read_text())[0]
         listed = kustomization.get("resources", []) + [patch["path"] for patch in kustomization.get("patches", [])]
         assert listed, directory
         for entry in listed:
@@ -595,7 +417,7 @@ def test_kustomizations_list_existing_files() -> None:
 
 
 def test_gpu_overlay_asks_for_a_gpu_and_offloads() -> None:
-    patch = YamlSubset.load_all((K8S_GPU / "deployment-gpu.yaml").read_text(), "deployment-gpu.yaml")[0]
+    patch = load_yaml((K8S_GPU / "deployment-gpu.yaml").read_text())[0]
     main = container(patch)
     for section in ("requests", "limits"):
         assert main["resources"][section]["nvidia.com/gpu"] == 1
@@ -612,7 +434,7 @@ def test_kustomize_builds(overlay: Path) -> None:
         [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
-    documents = YamlSubset.load_all(result.stdout, f"kustomize {overlay.name}")
+    documents = load_yaml(result.stdout)
     check_deployment(by_kind(documents, "Deployment"), by_kind(documents, "Service"))
 
 
