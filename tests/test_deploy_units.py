@@ -2,9 +2,8 @@
 Kubernetes manifests whose probes, grace period, ports and settings agree with the server.
 
 systemd-analyze is required: these tests fail without it (Debian: the systemd package) unless it is absent
-and LLMSERVE_SKIP_SYSTEMD=1. The manifests are read with a small parser for the block-style YAML they are
-written in (no YAML parser among the dependencies); it refuses anything outside that subset, and where
-PyYAML is importable both must read every file the same. kubectl, when installed, builds the kustomizations.
+and LLMSERVE_SKIP_SYSTEMD=1. The manifests are read with PyYAML; kubectl, when installed, builds the
+kustomizations.
 """
 
 from __future__ import annotations
