@@ -60,6 +60,7 @@ class ChatRenderer:
         self._choices = choices
         self._want_logprobs = want_logprobs
         self._reply = reply
+        self.reported_finish_reasons: dict[int, str] = {}
         calls = reply.calls is not None
         self._parsers = [ToolCallParser() for _ in range(choices)] if calls else []
         self._content_logprobs = [ContentLogprobs(vocab.piece) for _ in range(choices)] if calls else []
@@ -101,7 +102,8 @@ class ChatRenderer:
             entries = content_logprobs.take(delta)
             chunks.append(_chunk(update.index, self._delta(delta), self._logprobs(entries) if entries else None))
         if reply is not None and update.finish_reason is not None:
-            chunks.append(_chunk(update.index, {}, None, self._finish_reason(update.finish_reason, reply.tool_calls)))
+            reason = self._finish_reason(update.index, update.finish_reason, reply.tool_calls)
+            chunks.append(_chunk(update.index, {}, None, reason))
         return chunks
 
     def final_choice(self, index: int, text: str, logprobs: list[Any], finish_reason: str) -> dict[str, Any]:
@@ -118,7 +120,8 @@ class ChatRenderer:
             message["function_call"] = reply.tool_calls[0]["function"]  # the grammar allows one call only
         elif reply.tool_calls:
             message["tool_calls"] = reply.tool_calls
-        return _choice(index, message, self._logprobs(entries), self._finish_reason(finish_reason, reply.tool_calls))
+        reason = self._finish_reason(index, finish_reason, reply.tool_calls)
+        return _choice(index, message, self._logprobs(entries), reason)
 
     def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
         """A parser delta as this request streams it: legacy functions stream ``function_call`` deltas."""
@@ -126,10 +129,11 @@ class ChatRenderer:
             return {"function_call": dict(delta["tool_calls"][0]["function"])}
         return delta
 
-    def _finish_reason(self, reason: str, calls: list[dict[str, Any]]) -> str:
+    def _finish_reason(self, index: int, reason: str, calls: list[dict[str, Any]]) -> str:
         """A reply that ended in calls finishes with "tool_calls" ("function_call"), except when a named
         function was forced: OpenAI then answers "stop"."""
         if reason == "stop" and calls and not self._reply.forced and self._reply.calls is not None:
+            self.reported_finish_reasons[index] = self._reply.calls.value
             return self._reply.calls.value
         return reason
 

@@ -28,6 +28,7 @@ class CompletionRenderer:
         self._echoes = echoes
         self._want_logprobs = want_logprobs
         self._offsets = [len(text) for text in echoes]
+        self.reported_finish_reasons: dict[int, str] = {}
 
     def _logprobs(self, index: int, entries: list[TokenLogprob]) -> dict[str, Any] | None:
         if not self._want_logprobs:

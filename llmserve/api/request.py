@@ -137,6 +137,9 @@ class Renderer(Protocol):
 
     object_name: str
     chunk_object_name: str
+    # Finish reasons the renderer reported instead of the engine's ("tool_calls"), by choice index, so
+    # that the request log and the usage record say what the client was told.
+    reported_finish_reasons: dict[int, str]
 
     def opening_chunks(self) -> list[dict[str, Any]]: ...
 
@@ -190,6 +193,7 @@ def respond(
 
     def finish(error: BaseException | None = None) -> None:
         run.close()
+        run.finish_reasons.update(renderer.reported_finish_reasons)
         quotas.settle(reservation, run.usage.prompt_tokens + run.usage.completion_tokens)
         service.metrics.record_request(service.model_id, tenant.name, run, started, time.monotonic())
         g.request_log.update(_log_fields(service, run, choices, started, tenant.name))
@@ -210,11 +214,11 @@ def respond(
     except BaseException as exc:
         finish(exc)
         raise
-    finish()
     final = [
         renderer.final_choice(i, "".join(texts), logprobs, run.finish_reasons[i])
         for i, (texts, logprobs) in sorted(collected.items())
     ]
+    finish()
     return jsonify({**envelope, "object": renderer.object_name, "choices": final, "usage": run.usage.as_dict()})
 
 

@@ -212,6 +212,28 @@ def test_a_completed_chat_stream_leaves_one_record(deployment: Deployment) -> No
     assert_timings_are_ordered(record)
 
 
+def test_a_reply_that_calls_a_tool_is_recorded_as_tool_calls(deployment: Deployment) -> None:
+    rid = new_id("tools")
+    parameters = {
+        "type": "object",
+        "properties": {"zone": {"type": "string", "maxLength": 12}},
+        "required": ["zone"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What time is it in Tokyo?"}],
+        "tools": [{"type": "function", "function": {"name": "get_time", "parameters": parameters}}],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "temperature": 0,
+        "max_tokens": 120,
+    }
+    response = deployment.post("alpha", "/v1/chat/completions", body, request_id=rid)
+    assert response.json()["choices"][0]["finish_reason"] == "tool_calls"
+    assert deployment.record(rid)["finish_reason"] == "tool_calls"  # what the client was told
+
+
 def test_a_stop_sequence_is_recorded_with_the_tokens_generated(deployment: Deployment) -> None:
     rid = new_id("stopseq")
     body = {
