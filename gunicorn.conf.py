@@ -23,7 +23,8 @@ from llmserve.settings import SettingsError, load_settings
 
 # Every worker writes its metric samples here; it must be set before a worker imports prometheus_client.
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
-os.environ.setdefault(_METRICS_DIR, tempfile.mkdtemp(prefix="llmserve-metrics-"))
+if _METRICS_DIR not in os.environ:  # this file runs again on every reload: make the directory once
+    os.environ[_METRICS_DIR] = tempfile.mkdtemp(prefix="llmserve-metrics-")
 
 # Readiness is reported by the workers once their model is warm, not by gunicorn's master at bind time.
 lifecycle.hide_notify_socket()

@@ -10,9 +10,8 @@ from flask import Flask, g, request
 
 from llmserve.errors import AuthenticationFailed, RateLimited
 from llmserve.quotas import current_quotas
+from llmserve.requestlog import PROBE_PATHS
 from llmserve.tenancy import current_tenancy
-
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def presented_key() -> str | None:
@@ -27,7 +26,7 @@ def _masked(key: str) -> str:
 
 
 def authenticate() -> None:
-    if request.path in OPEN_PATHS:
+    if request.path in PROBE_PATHS:  # probes and the metrics scrape need no key
         return
     tenancy = current_tenancy()
     if tenancy.keyless is not None:

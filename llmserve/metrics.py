@@ -27,6 +27,7 @@ from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMet
 
 from llmserve.engine.stats import EngineStats, StepSample
 from llmserve.gpu import GpuReading
+from llmserve.requestlog import PROBE_PATHS
 from llmserve.settings import Settings
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ def init_app(app: Flask, settings: Settings) -> LLMMetrics:
         group_by="endpoint",
         defaults_prefix="llmserve",
         buckets=LATENCY_BUCKETS,
-        excluded_paths=["/metrics", "/healthz", "/readyz"],
+        excluded_paths=sorted(PROBE_PATHS),
     )
     llm = LLMMetrics.create(registry)
     app.extensions[EXTENSION] = llm

@@ -56,12 +56,11 @@ class Principal:
 
 class Tenancy:
     def __init__(self, settings: Settings) -> None:
-        self.keys_required = settings.multi_tenant
         configured = settings.tenants or {DEFAULT_TENANT: TenantSettings()}
         self.tenants = {name: Tenant(name, limits) for name, limits in configured.items()}
         self.keys = KeyStore(settings.state_dir)
         # Without tenants every caller is the default tenant, and may also use the admin endpoints.
-        self.keyless = Principal(self.tenants[DEFAULT_TENANT], anonymous=True) if not self.keys_required else None
+        self.keyless = Principal(self.tenants[DEFAULT_TENANT], anonymous=True) if not settings.multi_tenant else None
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self

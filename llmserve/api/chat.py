@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ class ContentLogprobs:
 
     def __init__(self, piece: Callable[[int], bytes]) -> None:
         self._piece = piece
-        self._held: list[TokenLogprob] = []
+        self._held: deque[TokenLogprob] = deque()
         self._owed = 0  # bytes of the last token taken that belong to the text after its delta
 
     def add(self, entries: list[TokenLogprob]) -> None:
@@ -43,7 +44,7 @@ class ContentLogprobs:
         wanted = len(delta["content"].encode()) - self._owed
         taken = []
         while self._held and wanted > 0:
-            taken.append(self._held.pop(0))
+            taken.append(self._held.popleft())
             wanted -= len(self._piece(taken[-1].token))
         self._owed = max(0, -wanted)
         return taken

@@ -121,7 +121,8 @@ def _response_grammar(body: ChatCompletionRequest) -> str | None:
         return JSON_OBJECT_GRAMMAR
     declared = response_format.json_schema
     try:
-        check_schema(declared.schema_, strict=bool(declared.strict))
+        if declared.strict:  # schema_grammar itself refuses what no schema may hold
+            check_schema(declared.schema_, strict=True)
         return schema_grammar(declared.schema_)
     except UnsupportedSchema as exc:
         raise InvalidRequest(

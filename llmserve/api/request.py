@@ -96,24 +96,19 @@ def build_choices(
 ) -> list[Choice]:
     """One choice per prompt and per ``n``, indexed as the OpenAI API does (prompt-major). Choices of one
     prompt get consecutive seeds, so a seeded request with ``n`` > 1 still gets different choices."""
+    generations = len(prompts) * body.n
+    asks = f"This request asks for {generations} generations at once (prompts x n)"
+    param = "n" if body.n > 1 else "prompt"
     slots = service.settings.model.parallel
-    if len(prompts) * body.n > slots:
-        raise InvalidRequest(
-            f"This request asks for {len(prompts) * body.n} generations at once (prompts x n); this server "
-            f"decodes at most {slots} together.",
-            param="n" if body.n > 1 else "prompt",
-        )
+    if generations > slots:
+        raise InvalidRequest(f"{asks}; this server decodes at most {slots} together.", param=param)
     sampling = sampling_params(body, service.vocab.size)
     context_length = service.settings.model.context_length
     limits = current_tenant().limits
     if limits.max_running is not None and limits.max_queued is not None:
         most = limits.max_running + limits.max_queued
-        if len(prompts) * body.n > most:
-            raise InvalidRequest(
-                f"This request asks for {len(prompts) * body.n} generations at once (prompts x n); your "
-                f"organization may run and queue at most {most}.",
-                param="n" if body.n > 1 else "prompt",
-            )
+        if generations > most:
+            raise InvalidRequest(f"{asks}; your organization may run and queue at most {most}.", param=param)
     cap = limits.max_tokens
     if cap is not None:
         if requested is not None and requested > cap:

@@ -142,7 +142,6 @@ class GenerationRun:
         self._jobs = [Job(choice.spec, self._stream.sink(i), tenant) for i, choice in enumerate(choices)]
         self._choices = choices
         self._texts = [TextAssembler(engine.vocab.piece, choice.stop) for choice in choices]
-        self._pieces: list[list[str]] = [[] for _ in choices]
         self._open = set(range(len(choices)))
         self._early: list[tuple[int, object]] = []
         self._cached = [0] * len(choices)
@@ -204,13 +203,12 @@ class GenerationRun:
                 continue  # tokens a stopped sequence produced before the engine saw the cancel
             update = self._apply(tag, event)
             if update is not None:
-                self._pieces[tag].append(update.delta.text)
                 yield update
 
     @property
     def outputs(self) -> list[str]:
         """The text of each choice so far."""
-        return ["".join(pieces) for pieces in self._pieces]
+        return [text.text for text in self._texts]
 
     def _next(self, timeout: float) -> tuple[int, object] | None:
         """The next event, or None after ``timeout`` quiet seconds; raises once the client has left

@@ -53,6 +53,7 @@ IDLE_WAIT = 0.5  # seconds the idle engine sleeps on its inbox before it reports
 # Copying another slot's KV cells copies that slot's whole cache stream; below this many shared tokens
 # recomputing them is cheaper.
 MIN_SHARED_PREFIX = 64
+SHUTTING_DOWN = Rejected(RejectReason.SHUTTING_DOWN, 1.0)  # what a job the engine will not run is told
 
 
 class EngineState(StrEnum):
@@ -291,7 +292,7 @@ class Engine:
 
     def _accept(self, job: Job) -> None:
         if self._drain_deadline is not None:
-            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+            job.sink.push(SHUTTING_DOWN)
             return
         if isinstance(job.spec, EmbeddingSpec):
             self._embed_queue.append(job)
@@ -321,14 +322,14 @@ class Engine:
             return
         for job in self._scheduler.jobs():
             self._scheduler.remove(job)
-            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+            job.sink.push(SHUTTING_DOWN)
         if time.monotonic() < self._drain_deadline:
             return
         for slot in self._slots:
             if slot.job is not None:
                 self._retire(slot, FinishReason.CANCELLED)
         for job in self._embed_queue:
-            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+            job.sink.push(SHUTTING_DOWN)
         self._embed_queue.clear()
         self._embedded.clear()
 
@@ -413,6 +414,8 @@ class Engine:
             donor = slot.donor
             if donor is None or slot.spec is None:
                 continue
+            if donor.spec is not None and donor.prefilling and len(donor.cached) < slot.shared:
+                continue  # the donor is still computing it (checked before the scan, which runs each step)
             available = min(_common_prefix(donor.cached, slot.spec.prompt), slot.shared)
             if available < slot.shared and donor.spec is not None and donor.prefilling:
                 continue  # the donor is still computing it
@@ -544,12 +547,12 @@ class Engine:
             if slot.job is not None:
                 self._retire(slot, FinishReason.ERROR if self.state == EngineState.FAILED else FinishReason.CANCELLED)
         for job in self._scheduler.jobs() + self._embed_queue:
-            job.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+            job.sink.push(SHUTTING_DOWN)
         self._embed_queue.clear()
         try:
             while True:
                 item = self._inbox.get_nowait()
                 if item is not None:
-                    item.sink.push(Rejected(RejectReason.SHUTTING_DOWN, 1.0))
+                    item.sink.push(SHUTTING_DOWN)
         except _queue.Empty:
             pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sqlite3
 from contextlib import closing
 from datetime import UTC, datetime
@@ -96,9 +97,7 @@ def restore(backup_path: Path, state_dir: Path) -> Path:
     try:
         target = state_dir / LEDGER_FILE
         partial = state_dir / (LEDGER_FILE + ".restoring")
-        with backup_path.open("rb") as source, partial.open("wb") as copy:
-            while chunk := source.read(1 << 20):
-                copy.write(chunk)
+        shutil.copyfile(backup_path, partial)
         _sync(partial)
         if _sha256(partial) != _recorded_digest(backup_path):
             partial.unlink()
