@@ -18,6 +18,16 @@ from tests.integration.conftest import MODEL, Server, long_stream_body, start_se
 pytestmark = pytest.mark.slow
 
 
+def counted_stream_body(max_tokens: int) -> dict:
+    """A long stream whose last chunk reports its usage: chunks are not tokens (a token may carry no
+    text, or half a character), so how many tokens arrived is read from there."""
+    return {**long_stream_body(max_tokens), "stream_options": {"include_usage": True}}
+
+
+def completion_tokens(lines: list[str]) -> int:
+    return int(json.loads(lines[-2])["usage"]["completion_tokens"])
+
+
 def read_stream(url: str, body: dict, results: list[list[str]], headers: dict[str, str] | None = None) -> None:
     """Collect one stream's data lines (its last one tells how it ended)."""
     lines: list[str] = []
@@ -35,7 +45,7 @@ def start_streams(server: Server, count: int, max_tokens: int) -> tuple[list[thr
     results: list[list[str]] = []
     threads = [
         threading.Thread(
-            target=read_stream, args=(f"{server.url}/v1/completions", long_stream_body(max_tokens), results)
+            target=read_stream, args=(f"{server.url}/v1/completions", counted_stream_body(max_tokens), results)
         )
         for _ in range(count)
     ]
@@ -67,7 +77,7 @@ def test_sigterm_lets_running_streams_finish_and_exits_0(tmp_path: Path) -> None
         for thread in threads:
             thread.join(timeout=60)
         assert [lines[-1] for lines in results] == ["[DONE]"] * 4
-        assert all(len(lines) >= 120 for lines in results)  # every token arrived
+        assert [completion_tokens(lines) for lines in results] == [120] * 4  # every token arrived
         assert exit_code(server, 30) == 0
     finally:
         if server.process.poll() is None:
@@ -126,7 +136,7 @@ def test_sighup_applies_a_changed_tenant_file_while_a_stream_completes(tmp_path:
             target=read_stream,
             args=(
                 f"{server.url}/v1/completions",
-                long_stream_body(150),
+                counted_stream_body(150),
                 results,
                 {"Authorization": f"Bearer {alpha}"},
             ),
@@ -138,7 +148,7 @@ def test_sighup_applies_a_changed_tenant_file_while_a_stream_completes(tmp_path:
         server.process.send_signal(signal.SIGHUP)
         stream.join(timeout=60)
         assert results[0][-1] == "[DONE]"
-        assert len(results[0]) >= 151
+        assert completion_tokens(results[0]) == 150
         assert wait_for(lambda: not old_workers & set(server.worker_pids()), timeout=60)
         assert beta_models() == 200
     finally:
