@@ -76,8 +76,7 @@ class Slot:
     prefilled: int = 0
     generated: int = 0
     next_token: int = -1
-    output_index: int = -1  # batch entry whose logits this slot samples from, -1 if none this step
-    output_row: int = -1  # that entry's row among the step's outputs
+    output_row: int = -1  # the row of the step's outputs this slot samples from, -1 if none this step
     donor: Slot | None = None  # a slot computing our prompt's prefix, to be copied when it has
     shared: int = 0  # how much of our prompt the donor will hold
 
@@ -386,8 +385,8 @@ class Engine:
         """The sequence's sampler; None for greedy decoding without a grammar (a numpy argmax in ``_sample``)."""
         assert self.vocab is not None
         if spec.grammar is None:
-            return None if spec.sampling.greedy else Sampler(spec.sampling, self.vocab.size)
-        return Sampler(spec.sampling, self.vocab.size, Grammar(self.vocab, spec.grammar))
+            return None if spec.sampling.greedy else Sampler(spec.sampling)
+        return Sampler(spec.sampling, Grammar(self.vocab, spec.grammar))
 
     def _best_donor(self, slot: Slot) -> tuple[Slot | None, int]:
         """The other slot that holds, or is computing, the longest prefix of ``slot``'s prompt.
@@ -437,10 +436,10 @@ class Engine:
             assert slot.job is not None
             jobs.append(slot.job)
             tokens.append(0 if slot.prefilling else 1)
-            slot.output_index = -1
+            slot.output_row = -1
             if not slot.prefilling:
                 slot.output_row = context.outputs
-                slot.output_index = context.add(slot.next_token, len(slot.cached), slot.index, True)
+                context.add(slot.next_token, len(slot.cached), slot.index, True)
                 slot.cached.append(slot.next_token)
         budget = context.capacity - context.batch_size
         for number, slot in enumerate(active):
@@ -454,14 +453,12 @@ class Engine:
             if chunk_end == len(prompt):
                 slot.output_row = context.outputs  # only the chunk's last token asks for logits
             for position in range(slot.prefilled, chunk_end):
-                index = context.add(prompt[position], position, slot.index, position == len(prompt) - 1)
+                context.add(prompt[position], position, slot.index, position == len(prompt) - 1)
             slot.cached.extend(prompt[slot.prefilled : chunk_end])
             tokens[number] = chunk_end - slot.prefilled
             budget -= chunk_end - slot.prefilled
             self._stats.prompt_tokens += chunk_end - slot.prefilled
             slot.prefilled = chunk_end
-            if chunk_end == len(prompt):
-                slot.output_index = index
         started = time.perf_counter()
         finishing: list[tuple[Job, FinishReason]] = []
         self._finishing = finishing
@@ -469,8 +466,8 @@ class Engine:
             context.decode()
             logits = context.logits()
             for slot in active:
-                if slot.output_index >= 0:
-                    self._sample(context, logits[slot.output_row], slot)
+                if slot.output_row >= 0:
+                    self._sample(logits[slot.output_row], slot)
             seconds = time.perf_counter() - started
             self._stats.record_step(seconds, context.batch_size)
             charge_step(seconds, jobs, tokens)
@@ -480,14 +477,14 @@ class Engine:
                 job.sink.push(Finished(reason, job.engine_seconds))
         self._resolve_donors(context)
 
-    def _sample(self, context: LlamaContext, logits: np.ndarray, slot: Slot) -> None:
+    def _sample(self, logits: np.ndarray, slot: Slot) -> None:
         assert slot.job is not None and slot.spec is not None
         assert self.vocab is not None
         if slot.sampler is None:
             token = greedy_token(logits, slot.spec.sampling.logit_bias)
         else:
             try:
-                token = slot.sampler.sample(context.pointer, slot.output_index, logits)
+                token = slot.sampler.sample(logits)
             except GrammarError as exc:
                 log.error("engine %s: job %d stopped: %s", self.settings.id, slot.job.id, exc)
                 self._retire(slot, FinishReason.ERROR)
@@ -518,7 +515,7 @@ class Engine:
         self._drain_of(slot.job.tenant).record_finished()
         if slot.sampler is not None:
             slot.sampler.close()
-        slot.job, slot.spec, slot.sampler, slot.output_index, slot.donor = None, None, None, -1, None
+        slot.job, slot.spec, slot.sampler, slot.output_row, slot.donor = None, None, None, -1, None
 
     def _embed_next(self, embedder: Embedder) -> None:
         """One embedding decode for the oldest embedding job; a job of many inputs takes several turns."""

@@ -73,6 +73,7 @@ class Grammar:
             raise GrammarError("llama.cpp refused the grammar")
         self._one = (lc.llama_token_data * 1)()
         self._single = lc.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        self._candidates: Candidates | None = None  # allocated on the first rejected token
 
     def allows(self, token: int) -> bool:
         """Whether ``token`` may come next: the grammar applied to a one-candidate array."""
@@ -81,9 +82,12 @@ class Grammar:
         lc.llama_sampler_apply(self.pointer, ctypes.byref(self._single))
         return math.isfinite(self._one[0].logit)
 
-    def restrict(self, logits: np.ndarray, candidates: Candidates) -> np.ndarray:
+    def restrict(self, logits: np.ndarray) -> np.ndarray:
         """A copy of ``logits`` keeping only allowed tokens: those among the ``BLOCK`` most likely if any
         of them is allowed, else all of them; the others are -inf."""
+        if self._candidates is None:
+            self._candidates = Candidates(len(logits))
+        candidates = self._candidates
         size = min(BLOCK, len(logits))
         block: np.ndarray = np.argpartition(logits, -size)[-size:].astype(np.int32)
         lc.llama_sampler_apply(self.pointer, ctypes.byref(candidates.fill(logits, block)))

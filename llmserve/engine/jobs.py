@@ -33,14 +33,14 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
+    def penalised(self) -> bool:
+        """Whether the tokens generated so far change the next token's logits."""
+        return self.repeat_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
+    @property
     def greedy(self) -> bool:
         """Pure argmax: no randomness and no history-dependent penalties."""
-        return (
-            self.temperature == 0
-            and self.repeat_penalty == 1.0
-            and not self.frequency_penalty
-            and not self.presence_penalty
-        )
+        return self.temperature == 0 and not self.penalised
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -159,8 +159,8 @@ class LlamaContext:
     def batch_size(self) -> int:
         return self._size
 
-    def add(self, token: int, position: int, sequence: int, wants_output: bool) -> int:
-        """Append one token to the batch; returns its index (the output index when it wants one)."""
+    def add(self, token: int, position: int, sequence: int, wants_output: bool) -> None:
+        """Append one token to the batch; one that wants output gets the next row of ``logits()``."""
         index = self._size
         batch = self._batch
         batch.token[index] = token
@@ -170,7 +170,6 @@ class LlamaContext:
         batch.logits[index] = wants_output
         self._size = index + 1
         self.outputs += wants_output
-        return index
 
     def decode(self) -> None:
         self._batch.n_tokens = self._size

@@ -1,10 +1,11 @@
 """Per-sequence sampling and log-probabilities.
 
-Each running sequence samples with its own request's parameters. Random sampling and penalties use a
-llama.cpp sampler chain per sequence. Greedy decoding (temperature 0, no penalties) takes a faster path:
-one numpy argmax over all output rows of a step, instead of a chain that copies the whole vocabulary
-(262k entries for Gemma) into a candidate array for every sequence, which costs more than a millisecond
-per token on a small CPU.
+Each running sequence samples with its own request's parameters, in numpy on the engine thread: logit
+bias and penalties adjust the few tokens they name in a copy of the row, and the draw itself touches only
+the tokens that can matter (see distribution.py), instead of a llama.cpp sampler chain that copies the
+whole vocabulary (262k entries for Gemma) into a candidate array, softmaxes and sums all of it for every
+sequence and every token. Greedy decoding (temperature 0, no penalties) needs no sampler at all: one
+argmax per output row (``greedy_token``).
 
 A sequence with a grammar (structured outputs, tool calls) samples as it would without one, then asks its
 grammar about that token, and filters every candidate only when the grammar rejects it (see grammar.py).
@@ -12,99 +13,112 @@ grammar about that token, and filters every candidate only when the grammar reje
 
 from __future__ import annotations
 
-import ctypes
 import random
+from collections import Counter, deque
 
-import llama_cpp as lc
 import numpy as np
 
-from llmserve.engine.grammar import Candidates, Grammar, GrammarError
+from llmserve.engine.distribution import draw, most_likely
+from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import SamplingParams, TokenLogprob
 
 
+class Penalties:
+    """llama.cpp's repetition, frequency and presence penalties over the last ``window`` generated tokens,
+    kept incrementally: each token generated updates one count."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self._repeat = params.repeat_penalty
+        self._frequency = params.frequency_penalty
+        self._presence = params.presence_penalty
+        self._recent: deque[int] = deque(maxlen=params.penalty_last_n)
+        self._counts: Counter[int] = Counter()
+
+    def accept(self, token: int) -> None:
+        if self._recent.maxlen == 0:
+            return
+        if len(self._recent) == self._recent.maxlen:
+            oldest = self._recent[0]
+            self._counts[oldest] -= 1
+            if not self._counts[oldest]:
+                del self._counts[oldest]
+        self._recent.append(token)
+        self._counts[token] += 1
+
+    @property
+    def active(self) -> bool:
+        """Whether any token is penalised now."""
+        return bool(self._counts)
+
+    def apply(self, row: np.ndarray) -> None:
+        """Penalise, in place, every token seen in the window: a positive logit is divided by the repeat
+        penalty and a negative one multiplied, then count x frequency + presence is subtracted."""
+        tokens = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+        counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+        values = row[tokens]
+        values = np.where(values <= 0, values * self._repeat, values / self._repeat)
+        row[tokens] = values - counts * np.float32(self._frequency) - np.float32(self._presence)
+
+
 class Sampler:
-    """One sequence's sampling: a llama.cpp sampler chain, a grammar, or both; free it with ``close``
-    (engine thread only). With a grammar, greedy sampling needs no chain: an argmax does."""
+    """One sequence's sampling: its parameters, random generator, penalty window and grammar. ``close``
+    frees the grammar (engine thread only)."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int, grammar: Grammar | None = None) -> None:
-        self._bias = params.logit_bias
+    def __init__(self, params: SamplingParams, grammar: Grammar | None = None) -> None:
+        self._params = params
+        seed = params.seed if params.seed is not None else random.getrandbits(64)
+        self._rng = np.random.default_rng(seed % 2**64)
+        self._penalties = Penalties(params) if params.penalised else None
+        self._bias_tokens = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
+        self._bias_amounts = np.array([amount for _, amount in params.logit_bias], dtype=np.float32)
+        self._row: np.ndarray | None = None  # reused copy of the logits when bias or penalties change them
         self._grammar = grammar
-        self._candidates = Candidates(n_vocab) if grammar is not None else None
-        self.pointer = None if grammar is not None and params.greedy else _chain(params, n_vocab)
 
-    def sample(self, context: lc.llama_context_p, index: int, logits: np.ndarray) -> int:
-        """Sample from batch output ``index`` (whose logits are ``logits``) and accept the token.
+    def sample(self, logits: np.ndarray) -> int:
+        """Pick the next token from one row of logits (left as it is) and accept it.
 
         GrammarError when the grammar allows no token: accepting one it rejects would abort the process.
         """
-        if self._grammar is None:
-            return int(lc.llama_sampler_sample(self.pointer, context, index))
-        token = self._pick(logits)
-        if not self._grammar.allows(token):
-            assert self._candidates is not None
-            allowed = self._grammar.restrict(logits, self._candidates)
-            token = self._pick(allowed)
-            if not np.isfinite(allowed[token]):
-                raise GrammarError(f"sampling picked token {token}, which the grammar rejects")
-        self._grammar.accept(token)
-        if self.pointer:
-            lc.llama_sampler_accept(self.pointer, token)
+        row = self._adjusted(logits)
+        token = self._pick(row)
+        if self._grammar is not None:
+            if not self._grammar.allows(token):
+                allowed = self._grammar.restrict(row)
+                token = self._pick(allowed)
+                if not np.isfinite(allowed[token]):
+                    raise GrammarError(f"sampling picked token {token}, which the grammar rejects")
+            self._grammar.accept(token)
+        if self._penalties is not None:
+            self._penalties.accept(token)
         return token
 
-    def _pick(self, logits: np.ndarray) -> int:
-        """The token the chain (or, greedy, the argmax) picks from ``logits``, without accepting it."""
-        if not self.pointer:
-            return greedy_token(logits, self._bias)
-        assert self._candidates is not None
-        lc.llama_sampler_apply(self.pointer, ctypes.byref(self._candidates.fill(logits)))
-        return self._candidates.selected()
+    def _adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """The row with logit bias added and penalties applied: a copy when either changes it."""
+        if not len(self._bias_tokens) and (self._penalties is None or not self._penalties.active):
+            return logits
+            return logits
+        if self._row is None:
+            self._row = np.empty_like(logits)
+        np.copyto(self._row, logits)
+        self._row[self._bias_tokens] += self._bias_amounts  # a bias names each token once
+        if self._penalties is not None:
+            self._penalties.apply(self._row)
+        return self._row
+
+    def _pick(self, row: np.ndarray) -> int:
+        """The token the parameters choose from ``row``, without accepting it."""
+        if self._params.temperature == 0:
+            return int(row.argmax())
+        return draw(row, self._params, self._rng)
 
     def close(self) -> None:
-        if self.pointer:
-            lc.llama_sampler_free(self.pointer)
-            self.pointer = None
         if self._grammar is not None:
             self._grammar.close()
             self._grammar = None
 
 
-def _chain(params: SamplingParams, n_vocab: int) -> lc.llama_sampler_p:
-    """The llama.cpp chain for ``params``: logit bias, penalties, then greedy or truncation and a seeded draw."""
-    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-    if params.logit_bias:
-        biases = (lc.llama_logit_bias * len(params.logit_bias))()
-        for entry, (token, bias) in zip(biases, params.logit_bias, strict=True):
-            entry.token = token
-            entry.bias = bias
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_logit_bias(n_vocab, len(params.logit_bias), biases))
-    if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
-        lc.llama_sampler_chain_add(
-            chain,
-            lc.llama_sampler_init_penalties(
-                n_vocab,
-                params.penalty_last_n,
-                params.repeat_penalty,
-                params.frequency_penalty,
-                params.presence_penalty,
-            ),
-        )
-    if params.temperature == 0:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
-        return chain
-    if params.top_k > 0:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
-    if params.top_p < 1.0:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
-    if params.min_p > 0.0:
-        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
-    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
-    seed = params.seed if params.seed is not None else random.getrandbits(32)
-    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return chain
-
-
 def greedy_token(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> int:
-    """The argmax token of one output row after adding the logit bias, as a greedy chain would pick it."""
+    """The argmax token of one output row after adding the logit bias, without copying the row."""
     token = int(logits.argmax())
     if not bias:
         return token
@@ -120,10 +134,8 @@ def greedy_token(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> int
 def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     """Log-probability of ``token`` and the ``top`` most likely tokens under the model's distribution."""
     peak = float(logits.max())
-    log_total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+    log_total = peak + float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
     best: tuple[tuple[int, float], ...] = ()
     if top > 0:
-        candidates = np.argpartition(logits, -top)[-top:]
-        ordered = candidates[np.argsort(logits[candidates])[::-1]]
-        best = tuple((int(t), float(logits[t]) - log_total) for t in ordered)
+        best = tuple((int(t), float(logits[t]) - log_total) for t in most_likely(logits, top))
     return TokenLogprob(token=token, logprob=float(logits[token]) - log_total, top=best)

@@ -1,7 +1,8 @@
-"""Eight streams at once, each with its own parameters, each getting what it asked for."""
+"""Many streams at once, greedy, sampled and grammar-bound, each getting what it asked for."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,7 @@ def run_together(jobs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
     return results
 
 
-def test_eight_concurrent_streams_keep_their_own_parameters(client: openai.OpenAI) -> None:
+def test_concurrent_streams_keep_their_own_parameters(client: openai.OpenAI) -> None:
     """Greedy streams must match the same request run alone. llama.cpp's CPU kernels do not give
     bit-identical logits for a sequence decoded alone and in a batch (the matrix kernels change with
     the batch's shape), so near-ties may break differently; these prompts have continuations the model
@@ -70,6 +71,29 @@ def test_eight_concurrent_streams_keep_their_own_parameters(client: openai.OpenA
     jobs["sampled"] = lambda: stream_text(
         client, {**greedy, "prompt": prompts["tens"], "temperature": 1.5, "seed": 3, "extra_body": {"top_k": 200}}
     )
+    jobs["default_sampling"] = lambda: stream_text(client, {**greedy, "prompt": prompts["tens"], "temperature": 1.0})
+    jobs["nucleus"] = lambda: stream_text(
+        client, {**greedy, "prompt": prompts["letters"], "temperature": 0.7, "top_p": 0.95, "logprobs": 2}
+    )
+    jobs["json"] = lambda: client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give a person as JSON."}],
+        temperature=1.0,
+        max_tokens=48,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "person",
+                "strict": True,
+                "schema": {
+                    "type": "object",
+                    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+                    "required": ["name", "age"],
+                    "additionalProperties": False,
+                },
+            },
+        },
+    )
     jobs["penalised"] = lambda: stream_text(
         client, {**greedy, "prompt": prompts["numbers"], "presence_penalty": 2.0, "frequency_penalty": 2.0}
     )
@@ -85,3 +109,9 @@ def test_eight_concurrent_streams_keep_their_own_parameters(client: openai.OpenA
     assert alone["letters"].startswith(results["short"][0])
     assert results["sampled"][2] == 16 and results["sampled"][0] != alone["tens"]
     assert results["penalised"][2] == 16 and results["penalised"][0] != alone["numbers"]
+    assert results["default_sampling"][1:] == ("length", 16)
+    assert results["nucleus"][1:] == ("length", 16)
+    reply = results["json"].choices[0]
+    assert reply.finish_reason == "stop", reply
+    person = json.loads(reply.message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)

@@ -106,10 +106,40 @@ def test_more_generations_than_slots_is_refused(client: openai.OpenAI) -> None:
 
 
 def test_a_seed_makes_sampling_repeatable(client: openai.OpenAI) -> None:
+    """Run alone, a seeded request gives the same text streamed and not; another seed differs."""
     request = dict(model=MODEL, prompt="Red", max_tokens=12, temperature=0.9, seed=7, logit_bias=NO_EOS)
     first = client.completions.create(**request).choices[0].text  # type: ignore[call-overload]
     second = client.completions.create(**request).choices[0].text  # type: ignore[call-overload]
-    assert first == second
+    streamed = "".join(
+        chunk.choices[0].text
+        for chunk in client.completions.create(**request, stream=True)  # type: ignore[call-overload]
+        if chunk.choices
+    )
+    assert first == second == streamed
+    others = {client.completions.create(**{**request, "seed": seed}).choices[0].text for seed in (8, 9, 10)}  # type: ignore[call-overload]
+    assert others - {first}
+
+
+def test_a_seeded_chat_repeats_with_every_sampling_parameter(client: openai.OpenAI) -> None:
+    request = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=10,
+        temperature=0.8,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        seed=11,
+        logit_bias=NO_EOS,
+        extra_body={"top_k": 50, "min_p": 0.02, "repeat_penalty": 1.1},
+    )
+    first = client.chat.completions.create(**request).choices[0].message.content  # type: ignore[call-overload]
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(**request, stream=True)  # type: ignore[call-overload]
+        if chunk.choices
+    )
+    assert first and first == streamed
 
 
 def test_token_prompts_and_echo(client: openai.OpenAI) -> None:
