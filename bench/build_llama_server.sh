@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build the reference `llama-server` from exactly the llama.cpp sources that are
 # vendored in the llama-cpp-python sdist our server links against, so that the
-# benchmark compares serving layers, not two different inference kernels.
+# benchmark compares serving layers, not two different inference kernels; and
+# `llama-batched-bench` from the same sources, the raw decode ceiling.
 #
-# Output: <repo>/.bench/llama-server (a statically linked, self-contained binary).
-# Idempotent: does nothing if the binary already exists (delete it to rebuild).
+# Output: <repo>/.bench/llama-server and <repo>/.bench/llama-batched-bench
+# (statically linked, self-contained binaries).
+# Idempotent: does nothing if both binaries already exist (delete one to rebuild).
 #
 # Environment:
 #   CMAKE_ARGS            extra CMake flags; default "-DGGML_NATIVE=OFF", i.e. the
@@ -20,13 +22,14 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
 BENCH_DIR="${REPO_ROOT}/.bench"
 OUT_BIN="${BENCH_DIR}/llama-server"
+CEILING_BIN="${BENCH_DIR}/llama-batched-bench"
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 JOBS="${BUILD_JOBS:-2}"
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 
-if [[ -x "${OUT_BIN}" ]]; then
-    echo "llama-server already built: ${OUT_BIN} (delete it to rebuild)"
+if [[ -x "${OUT_BIN}" && -x "${CEILING_BIN}" ]]; then
+    echo "llama-server and llama-batched-bench already built in ${BENCH_DIR} (delete one to rebuild)"
     exit 0
 fi
 
@@ -89,15 +92,16 @@ cmake -S "${LLAMA_DIR}" -B "${BUILD_DIR}" \
     -DLLAMA_USE_PREBUILT_UI=OFF \
     "${USER_ARGS[@]}"
 
-echo "==> building llama-server with ${JOBS} jobs"
-cmake --build "${BUILD_DIR}" --config Release --target llama-server -j "${JOBS}"
+echo "==> building llama-server and llama-batched-bench with ${JOBS} jobs"
+cmake --build "${BUILD_DIR}" --config Release --target llama-server llama-batched-bench -j "${JOBS}"
 
-BUILT="${BUILD_DIR}/bin/llama-server"
-[[ -x "${BUILT}" ]] || die "build finished but ${BUILT} is missing"
-
-# Copy atomically so an interrupted copy never looks like a finished build.
-cp "${BUILT}" "${OUT_BIN}.tmp"
 printf '%s\n' "llama-cpp-python ${VERSION}" "CMAKE_ARGS=${CMAKE_ARGS}" > "${OUT_BIN}.build-info"
-mv "${OUT_BIN}.tmp" "${OUT_BIN}"
-echo "==> built ${OUT_BIN}"
+for target in llama-server llama-batched-bench; do
+    BUILT="${BUILD_DIR}/bin/${target}"
+    [[ -x "${BUILT}" ]] || die "build finished but ${BUILT} is missing"
+    # Copy atomically so an interrupted copy never looks like a finished build.
+    cp "${BUILT}" "${BENCH_DIR}/${target}.tmp"
+    mv "${BENCH_DIR}/${target}.tmp" "${BENCH_DIR}/${target}"
+    echo "==> built ${BENCH_DIR}/${target}"
+done
 "${OUT_BIN}" --version 2>&1 | head -n 4 || true

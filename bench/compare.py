@@ -1,7 +1,8 @@
 """Side-by-side throughput/latency comparison: llama-server vs our server.
 
-For every concurrency level the two servers are measured back to back
-(llama-server first, then ours), so slow drifts of the machine (thermal state,
+For every case (an endpoint, completions or chat, and a set of sampling
+parameters: ``SAMPLINGS``) and every concurrency level the two servers are
+measured back to back (llama-server first, then ours), so slow drifts of the machine (thermal state,
 background jobs) hit both equally. Each measurement gets a freshly started
 server and only that server runs:
 
@@ -56,6 +57,20 @@ from servers import ManagedServer, ServerError, ServerSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LLAMA_BIN = REPO_ROOT / ".bench" / "llama-server"
+# Sampling settings sent to both servers; what a request leaves out, each server fills from its defaults
+# (llama-server: top_k 40, top_p 0.95, min_p 0.05; ours and OpenAI: the full distribution). The
+# "equal work" ones name every truncation, so both servers sample the same distribution.
+SAMPLINGS: dict[str, dict[str, float]] = {
+    "greedy": {"temperature": 0.0},
+    "t1": {"temperature": 1.0},
+    "t0.7-p0.95": {"temperature": 0.7, "top_p": 0.95},
+    "t1-full-equal": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0},
+    "t1-k40-equal": {"temperature": 1.0, "top_k": 40, "top_p": 0.95, "min_p": 0.05},
+}
+DEFAULT_CASES = (
+    "completions:greedy,completions:t1,completions:t0.7-p0.95,"
+    "chat:greedy,chat:t1,chat:t0.7-p0.95,completions:t1-full-equal,completions:t1-k40-equal"
+)
 METHOD = (
     "one server process at a time, started fresh for each (level, server) pair; "
     "for each level llama-server is measured first, then ours; health 200 + warm-up "
@@ -80,6 +95,19 @@ def parse_levels(text: str) -> list[int]:
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError("levels must be positive integers")
     return levels
+
+
+def parse_cases(text: str) -> list[tuple[str, str]]:
+    """``endpoint:sampling`` pairs, e.g. ``completions:greedy,chat:t1``."""
+    cases = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        endpoint, _, sampling = item.partition(":")
+        if endpoint not in ("completions", "chat") or sampling not in SAMPLINGS:
+            raise argparse.ArgumentTypeError(f"bad case {item!r}: want completions|chat:{'|'.join(SAMPLINGS)}")
+        cases.append((endpoint, sampling))
+    if not cases:
+        raise argparse.ArgumentTypeError("no cases given")
+    return cases
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -169,7 +197,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-per-worker", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument(
+        "--cases",
+        type=parse_cases,
+        default=parse_cases(DEFAULT_CASES),
+        help=f"endpoint:sampling pairs, each swept over the levels; samplings: {SAMPLINGS}",
+    )
+    p.add_argument(
+        "--llama-chat-template",
+        default="gemma",
+        help="llama-server's built-in chat template, the turn format ours renders (the GGUF holds none)",
+    )
     p.add_argument(
         "--ban-token-ids",
         type=parse_token_ids,
@@ -245,6 +283,8 @@ class Comparison:
             "-tb",
             str(args.threads),
             "-cb",
+            "--chat-template",
+            args.llama_chat_template,
             *shlex.split(args.llama_extra_args),
         ]
         bench_env = {
@@ -290,7 +330,8 @@ class Comparison:
             "requests_per_worker": a.requests_per_worker,
             "max_tokens": a.max_tokens,
             "prompt": a.prompt,
-            "temperature": a.temperature,
+            "cases": [f"{endpoint}:{sampling}" for endpoint, sampling in a.cases],
+            "samplings": {sampling: SAMPLINGS[sampling] for _, sampling in a.cases},
             "banned_token_ids": list(a.ban_token_ids),
             "unique_prompts": a.unique_prompts,
             "llama_argv": shlex.join(self.llama_argv),
@@ -303,8 +344,9 @@ class Comparison:
             "notes": [],
         }
 
-    def _load_config(self, spec: ServerSpec, model_id: str, concurrency: int) -> LoadConfig:
+    def _load_config(self, spec: ServerSpec, model_id: str, concurrency: int, case: tuple[str, str]) -> LoadConfig:
         a = self.args
+        endpoint, sampling = case
         return LoadConfig(
             base_url=spec.base_url,
             model=model_id,
@@ -312,7 +354,8 @@ class Comparison:
             requests_per_worker=a.requests_per_worker,
             prompt=a.prompt,
             max_tokens=a.max_tokens,
-            temperature=a.temperature,
+            endpoint=endpoint,
+            sampling=SAMPLINGS[sampling],
             banned_token_ids=tuple(a.ban_token_ids),
             unique_prompts=a.unique_prompts,
             health_path=spec.health_path,
@@ -332,9 +375,9 @@ class Comparison:
         except (httpx.HTTPError, ValueError):
             return ""
 
-    def measure(self, spec: ServerSpec, concurrency: int) -> dict[str, Any]:
-        """Start one server, warm it up, measure one level, stop it."""
-        run: dict[str, Any] = {"concurrency": concurrency, "server": spec.name}
+    def measure(self, spec: ServerSpec, concurrency: int, case: tuple[str, str]) -> dict[str, Any]:
+        """Start one server, warm it up, measure one level of one case, stop it."""
+        run: dict[str, Any] = {"concurrency": concurrency, "server": spec.name, "case": ":".join(case)}
         server = ManagedServer(spec)
         try:
             run["foreign_cores_before"] = round(
@@ -343,7 +386,7 @@ class Comparison:
             server.start()
             run["startup_s"] = round(server.wait_ready(self.args.ready_timeout), 3)
             run["loading_responses"] = server.loading_responses
-            cfg = self._load_config(spec, self._model_id(spec), concurrency)
+            cfg = self._load_config(spec, self._model_id(spec), concurrency, case)
             warm = run_load(
                 replace(
                     cfg,
@@ -364,12 +407,12 @@ class Comparison:
             run["exit_code"] = server.stop()
         return run
 
-    def measure_quietly(self, spec: ServerSpec, concurrency: int) -> dict[str, Any]:
+    def measure_quietly(self, spec: ServerSpec, concurrency: int, case: tuple[str, str]) -> dict[str, Any]:
         """Measure, repeating while other processes stole CPU; keep the quietest try."""
         attempts: list[dict[str, Any]] = []
         for _ in range(1 + max(self.args.noise_retries, 0)):
             t0 = time.perf_counter()
-            run = self.measure(spec, concurrency)
+            run = self.measure(spec, concurrency, case)
             run["elapsed_s"] = round(time.perf_counter() - t0, 2)
             attempts.append(run)
             if run.get("result") is None or _foreign(run) <= self.args.quiet_cores:
@@ -384,12 +427,13 @@ class Comparison:
 
     def sweep(self) -> None:
         """Interleaved sweep; results are saved after every measurement."""
-        for concurrency in self.args.levels:
-            for spec in self.specs:
-                run = self.measure_quietly(spec, concurrency)
-                self.runs.append(run)
-                self._log_progress(run)
-                self.save(final=False)
+        for case in self.args.cases:
+            for concurrency in self.args.levels:
+                for spec in self.specs:
+                    run = self.measure_quietly(spec, concurrency, case)
+                    self.runs.append(run)
+                    self._log_progress(run)
+                    self.save(final=False)
 
     def _log_progress(self, run: dict[str, Any]) -> None:
         res = run.get("result")
@@ -400,13 +444,13 @@ class Comparison:
                 f"{res['tokens_per_s']} tok/s, TTFT p50 {res['ttft_ms']['p50']} ms, "
                 f"p99 {res['ttft_ms']['p99']} ms, errors {res['errors']}"
             )
-        sys.stderr.write(f"[compare] c={run['concurrency']:<3} {run['server']:<14} {status}\n")
+        sys.stderr.write(f"[compare] {run['case']:<28} c={run['concurrency']:<3} {run['server']:<14} {status}\n")
 
     def _notes(self) -> list[str]:
         notes = []
         for run in self.runs:
             res = run.get("result")
-            tag = f"{run['server']} at c={run['concurrency']}"
+            tag = f"{run['server']} at {run['case']} c={run['concurrency']}"
             if res and res["usage_reported"] < res["requests_ok"]:
                 notes.append(
                     f"{tag}: token count from chunk counting for "

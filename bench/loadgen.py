@@ -1,7 +1,8 @@
 """Closed-loop streaming load generator for OpenAI-compatible completion servers.
 
 C worker threads each hold one HTTP connection and send streaming
-``POST /v1/completions`` requests back to back until a shared request budget
+``POST /v1/completions`` (or ``/v1/chat/completions``, the prompt as one user
+message) requests back to back until a shared request budget
 is spent, while a separate thread probes the health endpoint. End-of-generation
 tokens are banned through ``logit_bias`` so every response is exactly
 ``max_tokens`` long and different servers do identical amounts of work.
@@ -50,7 +51,9 @@ class LoadConfig:
     total_requests: int | None = None
     prompt: str = DEFAULT_PROMPT
     max_tokens: int = 64
-    temperature: float = 0.0
+    endpoint: str = "completions"  # or "chat"
+    # Sampling fields sent as they are; a server's own defaults apply to any left out.
+    sampling: dict[str, float] = field(default_factory=lambda: {"temperature": 0.0})
     banned_token_ids: tuple[int, ...] = DEFAULT_BANNED_TOKEN_IDS
     unique_prompts: bool = False
     health_path: str = "/healthz"
@@ -140,12 +143,15 @@ def build_payload(cfg: LoadConfig, index: int) -> dict[str, Any]:
     """Request body; a per-request prefix defeats prompt caching when asked."""
     prompt = f"[request {index}] {cfg.prompt}" if cfg.unique_prompts else cfg.prompt
     payload: dict[str, Any] = {
-        "prompt": prompt,
         "max_tokens": cfg.max_tokens,
-        "temperature": cfg.temperature,
+        **cfg.sampling,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if cfg.endpoint == "chat":
+        payload["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        payload["prompt"] = prompt
     if cfg.model:
         payload["model"] = cfg.model
     if cfg.banned_token_ids:
@@ -167,7 +173,8 @@ def stream_completion(client: httpx.Client, cfg: LoadConfig, index: int, abort: 
     last: float | None = None
     t0 = res.started_s = time.perf_counter()
     try:
-        with client.stream("POST", "/v1/completions", json=payload) as resp:
+        path = "/v1/chat/completions" if cfg.endpoint == "chat" else "/v1/completions"
+        with client.stream("POST", path, json=payload) as resp:
             if resp.status_code != 200:
                 body = resp.read()[:300].decode("utf-8", "replace")
                 res.error = f"HTTP {resp.status_code}: {body}"
@@ -193,7 +200,7 @@ def stream_completion(client: httpx.Client, cfg: LoadConfig, index: int, abort: 
                     res.error = f"stream error: {str(obj['error'])[:300]}"
                     return res
                 choices = obj.get("choices")
-                if choices and choices[0].get("text"):
+                if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
                     if last is None:
                         res.ttft_s = now - t0
                     else:
@@ -429,6 +436,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     p.add_argument(
         "--ban-token-ids",
         type=parse_token_ids,
@@ -465,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         total_requests=args.total_requests,
         prompt=args.prompt,
         max_tokens=args.max_tokens,
-        temperature=args.temperature,
+        endpoint=args.endpoint,
+        sampling={"temperature": args.temperature},
         banned_token_ids=args.ban_token_ids,
         unique_prompts=args.unique_prompts,
         health_path=args.health_path,

@@ -1,8 +1,9 @@
 """Render comparison results as a markdown table and a PNG plot.
 
 Input is the dict ``compare.py`` writes to JSON: ``meta`` (how the run was
-made) and ``runs`` (one entry per concurrency level and server, holding the
-``loadgen`` summary or an error). Keeping rendering separate lets a JSON file
+made) and ``runs`` (one entry per case, concurrency level and server, holding
+the ``loadgen`` summary or an error; files from before cases existed measured
+greedy completions). Keeping rendering separate lets a JSON file
 be re-rendered without re-running the benchmark::
 
     python bench/report.py .bench/compare/compare.json
@@ -17,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 REFERENCE = "llama-server"
+OLDER_CASE = "completions:greedy"  # what runs recorded before cases existed measured
+
+
+def case_of(run: dict[str, Any]) -> str:
+    return str(run.get("case", OLDER_CASE))
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -37,11 +43,18 @@ def _tokens_per_s(run: dict[str, Any]) -> float | None:
     return None if not result else result.get("tokens_per_s")
 
 
-def _reference_tps(runs: list[dict[str, Any]], concurrency: int) -> float | None:
+def _reference_tps(runs: list[dict[str, Any]], case: str, concurrency: int) -> float | None:
     for run in runs:
-        if run["server"] == REFERENCE and run["concurrency"] == concurrency:
+        if run["server"] == REFERENCE and case_of(run) == case and run["concurrency"] == concurrency:
             return _tokens_per_s(run)
     return None
+
+
+def ratio(runs: list[dict[str, Any]], run: dict[str, Any]) -> float | None:
+    """Our tokens/s over llama-server's in the same case and level."""
+    reference = _reference_tps(runs, case_of(run), run["concurrency"])
+    tps = _tokens_per_s(run)
+    return tps / reference if reference and tps is not None else None
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -60,34 +73,32 @@ def markdown(data: dict[str, Any]) -> str:
         f"context per slot: {meta.get('ctx_per_slot')}",
         f"- per level: {meta.get('requests_per_worker')} requests per concurrent stream, "
         f"max_tokens {meta.get('max_tokens')} (EOG banned: {meta.get('banned_token_ids')}), "
-        f"temperature {meta.get('temperature')}, unique prompts: {meta.get('unique_prompts')}",
+        f"unique prompts: {meta.get('unique_prompts')}",
+        f"- cases (endpoint:sampling): {meta.get('cases', [OLDER_CASE])}; sampling fields sent: "
+        f"{meta.get('samplings', {'greedy': {'temperature': meta.get('temperature')}})}",
         f"- llama-server: `{meta.get('llama_argv')}` ({meta.get('llama_version')})",
         f"- ours: `{meta.get('ours_cmd')}` at {meta.get('ours_url')}",
         f"- method: {meta.get('method')}",
         "",
-        "| concurrency | server | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
+        "| case | concurrency | server | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
         "| ITL p99 ms | health p50 ms | health p99 ms | errors | tok/s ours/llama |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         result = run.get("result")
         if result is None:
             lines.append(
-                f"| {run['concurrency']} | {run['server']} | failed: "
+                f"| {case_of(run)} | {run['concurrency']} | {run['server']} | failed: "
                 f"{str(run.get('error', '')).splitlines()[0][:80] if run.get('error') else '?'} "
                 "| | | | | | | | |"
             )
             continue
-        ratio = "—"
-        if run["server"] != REFERENCE:
-            ref = _reference_tps(runs, run["concurrency"])
-            tps = _tokens_per_s(run)
-            if ref and tps is not None:
-                ratio = f"{tps / ref:.2f}"
+        ours_over_llama = ratio(runs, run) if run["server"] != REFERENCE else None
         lines.append(
             "| "
             + " | ".join(
                 [
+                    case_of(run),
                     str(run["concurrency"]),
                     run["server"],
                     _fmt(result.get("tokens_per_s")),
@@ -98,7 +109,7 @@ def markdown(data: dict[str, Any]) -> str:
                     _fmt(_metric(run, "health_ms", "p50"), 2),
                     _fmt(_metric(run, "health_ms", "p99"), 2),
                     str(result.get("errors")),
-                    ratio,
+                    _fmt(ours_over_llama, 2),
                 ]
             )
             + " |"
@@ -110,24 +121,38 @@ def markdown(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    """Tokens/s and TTFT p99 against concurrency, one line per server."""
+    """Per case, against concurrency: our tokens/s over llama-server's, and both servers' tokens/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = data["runs"]
-    servers = list(dict.fromkeys(run["server"] for run in runs))
+    cases = list(dict.fromkeys(case_of(run) for run in runs))
     levels = sorted({run["concurrency"] for run in runs})
-    fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for server in servers:
-        mine = sorted((r for r in runs if r["server"] == server), key=lambda r: r["concurrency"])
-        xs = [r["concurrency"] for r in mine]
-        ax_tps.plot(xs, [_tokens_per_s(r) for r in mine], marker="o", label=server)
-        ax_ttft.plot(xs, [_metric(r, "ttft_ms", "p99") for r in mine], marker="o", label=server)
+    fig, (ax_ratio, ax_tps) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for number, case in enumerate(cases):
+        color = f"C{number % 10}"
+        for server in dict.fromkeys(run["server"] for run in runs):
+            mine = sorted(
+                (r for r in runs if case_of(r) == case and r["server"] == server), key=lambda r: r["concurrency"]
+            )
+            xs = [r["concurrency"] for r in mine]
+            reference = server == REFERENCE
+            ax_tps.plot(
+                xs,
+                [_tokens_per_s(r) for r in mine],
+                marker="o",
+                color=color,
+                linestyle="--" if reference else "-",
+                label=None if reference else case,
+            )
+            if not reference:
+                ax_ratio.plot(xs, [ratio(runs, r) for r in mine], marker="o", color=color, label=case)
+    ax_ratio.axhline(1.0, color="grey", linewidth=1)
     for ax, title, ylabel in (
-        (ax_tps, "Aggregate generation throughput", "tokens/s"),
-        (ax_ttft, "Time to first token, p99", "ms"),
+        (ax_ratio, f"{data['meta'].get('ours_name', 'ours')} tokens/s / llama-server tokens/s", "ratio"),
+        (ax_tps, "Aggregate generation throughput (dashed: llama-server)", "tokens/s"),
     ):
         ax.set_xscale("log", base=2)
         ax.set_xticks(levels)
@@ -137,8 +162,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.set_title(title)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-        if servers:
-            ax.legend()
+    ax_ratio.legend(fontsize=8)
     fig.suptitle(f"max_tokens={data['meta'].get('max_tokens')}, threads={data['meta'].get('threads')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

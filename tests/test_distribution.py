@@ -9,6 +9,7 @@ logit bias must change the logits exactly as llama.cpp's samplers do.
 from __future__ import annotations
 
 import ctypes
+import random
 
 import llama_cpp as lc
 import numpy as np
@@ -89,7 +90,7 @@ def llama_reference(logits: np.ndarray, params: SamplingParams) -> dict[int, flo
 def assert_draws_match(logits: np.ndarray, params: SamplingParams, expected: dict[int, float]) -> None:
     """Seeded draws fall only on candidates and at their probabilities (the likeliest 30 each in a bin
     of its own, the rest pooled), by a chi-square test at p > 1e-4."""
-    rng = np.random.default_rng(1234)
+    rng = random.Random(1234)
     drawn = np.array([draw(logits, params, rng) for _ in range(DRAWS)])
     assert set(drawn.tolist()) <= set(expected), "a token outside the candidate set was drawn"
     ranked = sorted(expected, key=expected.__getitem__, reverse=True)
@@ -150,7 +151,7 @@ def test_the_full_distribution_reaches_the_tail() -> None:
     """Temperature alone samples every token, however unlikely: a flat tail is drawn at its share."""
     logits = np.zeros(VOCAB, dtype=np.float32)
     logits[0] = 8.0  # about 8% of the mass is in the 32767 other tokens together
-    rng = np.random.default_rng(5)
+    rng = random.Random(5)
     drawn = np.array([draw(logits, SamplingParams(temperature=1.0), rng) for _ in range(DRAWS)])
     share = (drawn != 0).mean()
     expected = (VOCAB - 1) / (VOCAB - 1 + np.exp(8.0))
@@ -160,14 +161,14 @@ def test_the_full_distribution_reaches_the_tail() -> None:
 def test_the_logits_row_is_left_unchanged() -> None:
     logits = model_like_logits()
     before = logits.copy()
-    draw(logits, SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.01), np.random.default_rng(0))
+    draw(logits, SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.01), random.Random(0))
     assert np.array_equal(logits, before)
 
 
 def test_tokens_at_minus_infinity_are_never_drawn() -> None:
     logits = np.full(VOCAB, -np.inf, dtype=np.float32)
     logits[[3, 9, 27]] = [0.0, 1.0, 2.0]
-    rng = np.random.default_rng(0)
+    rng = random.Random(0)
     drawn = {draw(logits, SamplingParams(temperature=2.0), rng) for _ in range(500)}
     assert drawn == {3, 9, 27}
     with pytest.raises(ValueError, match="finite"):

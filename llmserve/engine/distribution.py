@@ -31,6 +31,7 @@ the whole vocabulary.
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 
@@ -41,7 +42,7 @@ CDF_BLOCK = 1024  # weights per block when locating a draw in a long list (block
 NUCLEUS_BINS = 2048  # bins by weight that locate a top-p cut without sorting the candidates
 
 
-def draw(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+def draw(logits: np.ndarray, params: SamplingParams, rng: random.Random) -> int:
     """One token drawn from ``logits`` (one row, not modified) under ``params``, which must sample
     (temperature > 0). ValueError when no token has a finite logit."""
     best = float(logits.max())

@@ -67,7 +67,9 @@ class Sampler:
     def __init__(self, params: SamplingParams, grammar: Grammar | None = None) -> None:
         self._params = params
         seed = params.seed if params.seed is not None else random.getrandbits(64)
-        self._rng = np.random.default_rng(seed % 2**64)
+        # Python's generator rather than numpy's: numpy's takes a threading lock per draw, and in a
+        # gevent worker that lock is a greenlet lock used from the engine's native thread.
+        self._rng = random.Random(seed)
         self._penalties = Penalties(params) if params.penalised else None
         self._bias_tokens = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
         self._bias_amounts = np.array([amount for _, amount in params.logit_bias], dtype=np.float32)
