@@ -22,6 +22,7 @@ import llama_cpp as lc
 import numpy as np
 
 from llmserve.engine import distribution
+from llmserve.engine.distribution import Scratch
 from llmserve.engine.jobs import SamplingParams
 from llmserve.engine.llama_model import LlamaContext, LlamaModel
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
@@ -113,7 +114,7 @@ def time_llama(rows: np.ndarray, params: SamplingParams) -> float:
 
 
 def time_ours(rows: np.ndarray, params: SamplingParams) -> float:
-    sampler = Sampler(params) if not params.greedy else None
+    sampler = Sampler(params, Scratch(rows.shape[1])) if not params.greedy else None
     started = time.perf_counter()
     for row in rows:
         if sampler is None:
@@ -140,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         llama = statistics.median(time_llama(rows, params) for _ in range(args.repeats))
         ours = statistics.median(time_ours(rows, params) for _ in range(args.repeats))
         results.append({"case": name, "llama_cpp_chain_us": round(llama, 1), "ours_us": round(ours, 1)})
+    scratch = Scratch(rows.shape[1])
     started = time.perf_counter()
     for row in rows:
-        token_logprob(row, 0, 5)
+        token_logprob(row, 0, 5, scratch)
     logprobs = (time.perf_counter() - started) / len(rows) * 1e6
     heads = head_sizes(rows, 1.0)
     summary = {

@@ -17,13 +17,14 @@ import pytest
 from scipy import stats
 
 from llmserve.engine import distribution
-from llmserve.engine.distribution import Cumulative, draw
+from llmserve.engine.distribution import Cumulative, Scratch, draw
 from llmserve.engine.grammar import Candidates
 from llmserve.engine.jobs import SamplingParams
 from llmserve.engine.sampling import Penalties, Sampler
 
 VOCAB = 32768
 DRAWS = 20_000
+SCRATCH = Scratch(VOCAB)
 
 
 def model_like_logits(seed: int = 7) -> np.ndarray:
@@ -91,7 +92,7 @@ def assert_draws_match(logits: np.ndarray, params: SamplingParams, expected: dic
     """Seeded draws fall only on candidates and at their probabilities (the likeliest 30 each in a bin
     of its own, the rest pooled), by a chi-square test at p > 1e-4."""
     rng = random.Random(1234)
-    drawn = np.array([draw(logits, params, rng) for _ in range(DRAWS)])
+    drawn = np.array([draw(logits, params, rng, SCRATCH) for _ in range(DRAWS)])
     assert set(drawn.tolist()) <= set(expected), "a token outside the candidate set was drawn"
     ranked = sorted(expected, key=expected.__getitem__, reverse=True)
     bins = ranked[:30]
@@ -152,7 +153,7 @@ def test_the_full_distribution_reaches_the_tail() -> None:
     logits = np.zeros(VOCAB, dtype=np.float32)
     logits[0] = 8.0  # about 8% of the mass is in the 32767 other tokens together
     rng = random.Random(5)
-    drawn = np.array([draw(logits, SamplingParams(temperature=1.0), rng) for _ in range(DRAWS)])
+    drawn = np.array([draw(logits, SamplingParams(temperature=1.0), rng, SCRATCH) for _ in range(DRAWS)])
     share = (drawn != 0).mean()
     expected = (VOCAB - 1) / (VOCAB - 1 + np.exp(8.0))
     assert abs(share - expected) < 5 * np.sqrt(expected * (1 - expected) / DRAWS)
@@ -161,7 +162,7 @@ def test_the_full_distribution_reaches_the_tail() -> None:
 def test_the_logits_row_is_left_unchanged() -> None:
     logits = model_like_logits()
     before = logits.copy()
-    draw(logits, SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.01), random.Random(0))
+    draw(logits, SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.01), random.Random(0), SCRATCH)
     assert np.array_equal(logits, before)
 
 
@@ -169,10 +170,10 @@ def test_tokens_at_minus_infinity_are_never_drawn() -> None:
     logits = np.full(VOCAB, -np.inf, dtype=np.float32)
     logits[[3, 9, 27]] = [0.0, 1.0, 2.0]
     rng = random.Random(0)
-    drawn = {draw(logits, SamplingParams(temperature=2.0), rng) for _ in range(500)}
+    drawn = {draw(logits, SamplingParams(temperature=2.0), rng, SCRATCH) for _ in range(500)}
     assert drawn == {3, 9, 27}
     with pytest.raises(ValueError, match="finite"):
-        draw(np.full(8, -np.inf, dtype=np.float32), SamplingParams(), rng)
+        draw(np.full(8, -np.inf, dtype=np.float32), SamplingParams(), rng, Scratch(8))
 
 
 def test_the_cumulative_never_lands_on_a_zero_weight() -> None:
@@ -234,7 +235,7 @@ def test_logit_bias_shifts_the_distribution_as_llama_cpp_does() -> None:
     biased[ids] = values
     expected = reference(biased, params)
     assert int(logits.argmax()) not in expected and 17 in expected
-    sampler = Sampler(params)
+    sampler = Sampler(params, SCRATCH)
     rng_draws = [sampler.sample(logits) for _ in range(DRAWS)]
     counts = np.bincount(rng_draws, minlength=VOCAB)
     assert counts[int(logits.argmax())] == 0
@@ -245,7 +246,7 @@ def test_a_seed_repeats_its_draws_and_other_seeds_differ() -> None:
     logits = model_like_logits()
 
     def run(seed: int) -> list[int]:
-        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, presence_penalty=0.5))
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed, presence_penalty=0.5), SCRATCH)
         return [sampler.sample(logits) for _ in range(64)]
 
     assert run(42) == run(42)
@@ -254,5 +255,5 @@ def test_a_seed_repeats_its_draws_and_other_seeds_differ() -> None:
 
 def test_penalties_apply_to_greedy_decoding_too() -> None:
     logits = np.array([0.0, 5.0, 4.9, 1.0], dtype=np.float32)
-    sampler = Sampler(SamplingParams(temperature=0.0, frequency_penalty=1.0))
+    sampler = Sampler(SamplingParams(temperature=0.0, frequency_penalty=1.0), Scratch(4))
     assert [sampler.sample(logits) for _ in range(4)] == [1, 2, 1, 2]

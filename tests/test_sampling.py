@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from llmserve.engine.distribution import Scratch
 from llmserve.engine.jobs import SamplingParams
 from llmserve.engine.sampling import greedy_token, token_logprob
 
@@ -37,7 +38,7 @@ def test_greedy_means_no_randomness_and_no_penalties() -> None:
 
 
 def test_logprobs_are_a_normalised_distribution() -> None:
-    result = token_logprob(LOGITS, 1, top=2)
+    result = token_logprob(LOGITS, 1, top=2, scratch=Scratch(len(LOGITS)))
     probabilities = np.exp(LOGITS - LOGITS.max())
     probabilities /= probabilities.sum()
     assert np.isclose(result.logprob, np.log(probabilities[1]))

@@ -39,10 +39,22 @@ from llmserve.engine.jobs import SamplingParams
 
 HEAD_SPAN = 18.0  # nats below the best token beyond which weights are bounded rather than computed
 CDF_BLOCK = 1024  # weights per block when locating a draw in a long list (block sums, then one block)
+# exp() below this underflows float32 into subnormals, which CPUs compute several times slower; a token
+# that far below the best is weighed as if at it (under 1e-37 of the best: no draw can tell).
+UNDERFLOW = np.float32(-87.0)
 NUCLEUS_BINS = 2048  # bins by weight that locate a top-p cut without sorting the candidates
 
 
-def draw(logits: np.ndarray, params: SamplingParams, rng: random.Random) -> int:
+class Scratch:
+    """Vocabulary-sized buffers reused from token to token: a fresh megabyte-sized temporary per token
+    costs more in page faults than the arithmetic done in it."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self.mask = np.empty(n_vocab, dtype=bool)
+        self.values = np.empty(n_vocab, dtype=np.float32)
+
+
+def draw(logits: np.ndarray, params: SamplingParams, rng: random.Random, scratch: Scratch) -> int:
     """One token drawn from ``logits`` (one row, not modified) under ``params``, which must sample
     (temperature > 0). ValueError when no token has a finite logit."""
     best = float(logits.max())
@@ -51,26 +63,29 @@ def draw(logits: np.ndarray, params: SamplingParams, rng: random.Random) -> int:
     temperature = params.temperature
     # Top-p weighs tokens at temperature 1, the draw at ``temperature``: the head must hold both.
     span = HEAD_SPAN * (max(temperature, 1.0) if params.top_p < 1.0 else temperature)
-    ids = np.flatnonzero(logits >= best - span)
+    np.greater_equal(logits, np.float32(best - span), out=scratch.mask)
+    ids = np.flatnonzero(scratch.mask)
     tail = len(logits) - len(ids)  # tokens outside the head (those at -inf included, harmlessly)
     if 0 < params.top_k < len(logits):
         ids = _top_k(logits, ids, params.top_k)
         tail = 0
     if params.top_p < 1.0:
-        ids = _nucleus(logits, ids, best, tail * math.exp(-span), params.top_p)
+        ids = _nucleus(logits, ids, best, tail * math.exp(-span), params.top_p, scratch)
         tail = 0
     if params.min_p > 0.0:
         floor = best + math.log(params.min_p)
         ids = np.flatnonzero(logits >= floor) if tail and floor < best - span else ids[logits[ids] >= floor]
         tail = 0
-    head = Cumulative(np.exp((logits[ids] - best) / temperature))
+    head = Cumulative(np.exp((logits[ids] - best) / temperature))  # >= -HEAD_SPAN: no underflow
     bound = tail * math.exp(-span / temperature)
     u = rng.random() * (head.total + bound)
     if u < head.total:
         return int(ids[head.index(u)])
     # Rare: the draw fell beyond the head. Weigh the tail exactly; a draw within its true mass is taken.
-    tail_ids = np.flatnonzero(logits < best - span)
-    rest = Cumulative(np.exp((logits[tail_ids] - best) / temperature))
+    np.less(logits, np.float32(best - span), out=scratch.mask)
+    tail_ids = np.flatnonzero(scratch.mask)
+    shifted = (logits[tail_ids] - best) / temperature
+    rest = Cumulative(np.exp(np.maximum(shifted, UNDERFLOW, out=shifted), out=shifted))
     u -= head.total
     if u >= rest.total:
         # It fell in the part of the bound no token fills, which a rejection sampler would draw again.
@@ -97,7 +112,9 @@ def most_likely(logits: np.ndarray, k: int) -> np.ndarray:
     return ids[np.argsort(-logits[ids], kind="stable")]
 
 
-def _nucleus(logits: np.ndarray, ids: np.ndarray, best: float, unseen: float, top_p: float) -> np.ndarray:
+def _nucleus(
+    logits: np.ndarray, ids: np.ndarray, best: float, unseen: float, top_p: float, scratch: Scratch
+) -> np.ndarray:
     """The smallest set of the most likely of ``ids`` whose probability (at temperature 1) reaches
     ``top_p``, the token crossing it included, as llama.cpp's top-p keeps. ``unseen`` bounds the weight
     of tokens outside ``ids`` that belong to the distribution (0 when ``ids`` is all of it).
@@ -107,17 +124,17 @@ def _nucleus(logits: np.ndarray, ids: np.ndarray, best: float, unseen: float, to
     gaps = best - logits[ids]  # >= 0: how far below the best token, in nats
     weights = np.exp(-gaps)
     mass = float(weights.sum(dtype=np.float64))
-    width = max(float(gaps.max()), 1e-6) / NUCLEUS_BINS
-    bins = np.minimum((gaps / width).astype(np.int64), NUCLEUS_BINS - 1)
+    scale = np.float32(NUCLEUS_BINS / max(float(gaps.max()), 1e-6))
+    bins = np.minimum(gaps * scale, np.float32(NUCLEUS_BINS - 1)).astype(np.int32)
     cumulative = np.cumsum(np.bincount(bins, weights=weights, minlength=NUCLEUS_BINS))
     target = top_p * mass
     last_bin, within = _cut(bins, weights, cumulative, target)
     most = top_p * (mass + unseen)  # the nucleus's weight if the unseen tokens weigh all they may
     if unseen and (most >= mass or (last_bin, len(within)) != _cut_position(bins, weights, cumulative, most)):
         # The unseen tokens' mass, known only within a bound, could move the cut: weigh them exactly.
-        target = top_p * float(np.exp(logits - best).sum(dtype=np.float64))
+        target = top_p * total_weight(logits, best, scratch)
         if target >= mass:  # the nucleus reaches beyond ``ids`` (a top_p within ~0.5% of 1)
-            return _nucleus(logits, np.flatnonzero(np.isfinite(logits)), best, 0.0, top_p)
+            return _nucleus(logits, np.flatnonzero(np.isfinite(logits)), best, 0.0, top_p, scratch)
         last_bin, within = _cut(bins, weights, cumulative, target)
     return ids[np.concatenate([np.flatnonzero(bins < last_bin), within])]
 
@@ -137,6 +154,15 @@ def _cut(bins: np.ndarray, weights: np.ndarray, cumulative: np.ndarray, target: 
     running = before + np.cumsum(weights[members], dtype=np.float64)
     count = min(int(np.searchsorted(running, target)), len(members) - 1) + 1
     return last_bin, members[:count]
+
+
+def total_weight(logits: np.ndarray, best: float, scratch: Scratch) -> float:
+    """The sum of every token's ``exp(logit - best)``, computed in the scratch buffer."""
+    values = scratch.values
+    np.subtract(logits, np.float32(best), out=values)
+    np.maximum(values, UNDERFLOW, out=values)
+    np.exp(values, out=values)
+    return float(values.sum(dtype=np.float64))
 
 
 class Cumulative:

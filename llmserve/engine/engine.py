@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from gevent import monkey
 
+from llmserve.engine.distribution import Scratch
 from llmserve.engine.embedder import Embedder
 from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import (
@@ -138,6 +139,7 @@ class Engine:
         self._drain_deadline: float | None = None
         # Jobs retired while a step samples: their Finished waits until the step's time is charged.
         self._finishing: list[tuple[Job, FinishReason]] | None = None
+        self._scratch: Scratch | None = None
         self._exited = _native_lock()
         self.state = EngineState.STARTING
         self.failure: str | None = None
@@ -385,8 +387,14 @@ class Engine:
         """The sequence's sampler; None for greedy decoding without a grammar (a numpy argmax in ``_sample``)."""
         assert self.vocab is not None
         if spec.grammar is None:
-            return None if spec.sampling.greedy else Sampler(spec.sampling)
-        return Sampler(spec.sampling, Grammar(self.vocab, spec.grammar))
+            return None if spec.sampling.greedy else Sampler(spec.sampling, self._scratch_for(self.vocab))
+        return Sampler(spec.sampling, self._scratch_for(self.vocab), Grammar(self.vocab, spec.grammar))
+
+    def _scratch_for(self, vocab: Vocabulary) -> Scratch:
+        """The vocabulary-sized buffers every sampler of this thread shares (they run one at a time)."""
+        if self._scratch is None:
+            self._scratch = Scratch(vocab.size)
+        return self._scratch
 
     def _best_donor(self, slot: Slot) -> tuple[Slot | None, int]:
         """The other slot that holds, or is computing, the longest prefix of ``slot``'s prompt.
@@ -491,7 +499,7 @@ class Engine:
                 return
         logprob = None
         if slot.spec.top_logprobs is not None:
-            logprob = token_logprob(logits, token, slot.spec.top_logprobs)
+            logprob = token_logprob(logits, token, slot.spec.top_logprobs, self._scratch_for(self.vocab))
         slot.generated += 1
         slot.next_token = token
         self._stats.generated_tokens += 1

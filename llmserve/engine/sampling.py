@@ -18,7 +18,7 @@ from collections import Counter, deque
 
 import numpy as np
 
-from llmserve.engine.distribution import draw, most_likely
+from llmserve.engine.distribution import Scratch, draw, most_likely, total_weight
 from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import SamplingParams, TokenLogprob
 
@@ -61,10 +61,10 @@ class Penalties:
 
 
 class Sampler:
-    """One sequence's sampling: its parameters, random generator, penalty window and grammar. ``close``
-    frees the grammar (engine thread only)."""
+    """One sequence's sampling: its parameters, random generator, penalty window and grammar, and the
+    engine thread's scratch buffers. ``close`` frees the grammar (engine thread only)."""
 
-    def __init__(self, params: SamplingParams, grammar: Grammar | None = None) -> None:
+    def __init__(self, params: SamplingParams, scratch: Scratch, grammar: Grammar | None = None) -> None:
         self._params = params
         seed = params.seed if params.seed is not None else random.getrandbits(64)
         # Python's generator rather than numpy's: numpy's takes a threading lock per draw, and in a
@@ -74,6 +74,7 @@ class Sampler:
         self._bias_tokens = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
         self._bias_amounts = np.array([amount for _, amount in params.logit_bias], dtype=np.float32)
         self._row: np.ndarray | None = None  # reused copy of the logits when bias or penalties change them
+        self._scratch = scratch  # shared by every sampler of the engine thread
         self._grammar = grammar
 
     def sample(self, logits: np.ndarray) -> int:
@@ -111,7 +112,7 @@ class Sampler:
         """The token the parameters choose from ``row``, without accepting it."""
         if self._params.temperature == 0:
             return int(row.argmax())
-        return draw(row, self._params, self._rng)
+        return draw(row, self._params, self._rng, self._scratch)
 
     def close(self) -> None:
         if self._grammar is not None:
@@ -133,10 +134,10 @@ def greedy_token(logits: np.ndarray, bias: tuple[tuple[int, float], ...]) -> int
     return int(max(boosted)[1]) if boosted else token
 
 
-def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+def token_logprob(logits: np.ndarray, token: int, top: int, scratch: Scratch) -> TokenLogprob:
     """Log-probability of ``token`` and the ``top`` most likely tokens under the model's distribution."""
     peak = float(logits.max())
-    log_total = peak + float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+    log_total = peak + float(np.log(total_weight(logits, peak, scratch)))
     best: tuple[tuple[int, float], ...] = ()
     if top > 0:
         best = tuple((int(t), float(logits[t]) - log_total) for t in most_likely(logits, top))
