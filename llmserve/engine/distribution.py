@@ -76,7 +76,8 @@ def draw(logits: np.ndarray, params: SamplingParams, rng: random.Random, scratch
         floor = best + math.log(params.min_p)
         ids = np.flatnonzero(logits >= floor) if tail and floor < best - span else ids[logits[ids] >= floor]
         tail = 0
-    head = Cumulative(np.exp((logits[ids] - best) / temperature))  # >= -HEAD_SPAN: no underflow
+    # A weight that underflows to 0 (a low temperature after top-p) is one ``index`` never picks.
+    head = Cumulative(np.exp((logits[ids] - best) / temperature))
     bound = tail * math.exp(-span / temperature)
     u = rng.random() * (head.total + bound)
     if u < head.total:
