@@ -52,6 +52,7 @@ class Scratch:
     def __init__(self, n_vocab: int) -> None:
         self.mask = np.empty(n_vocab, dtype=bool)
         self.values = np.empty(n_vocab, dtype=np.float32)
+        self.adjusted = np.empty(n_vocab, dtype=np.float32)  # a row after logit bias and penalties
 
 
 def draw(logits: np.ndarray, params: SamplingParams, rng: random.Random, scratch: Scratch) -> int:

@@ -73,7 +73,6 @@ class Sampler:
         self._penalties = Penalties(params) if params.penalised else None
         self._bias_tokens = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
         self._bias_amounts = np.array([amount for _, amount in params.logit_bias], dtype=np.float32)
-        self._row: np.ndarray | None = None  # reused copy of the logits when bias or penalties change them
         self._scratch = scratch  # shared by every sampler of the engine thread
         self._grammar = grammar
 
@@ -96,17 +95,17 @@ class Sampler:
         return token
 
     def _adjusted(self, logits: np.ndarray) -> np.ndarray:
-        """The row with logit bias added and penalties applied: a copy when either changes it."""
+        """The row with logit bias added and penalties applied: a copy in the shared scratch buffer when
+        either changes it, valid until the next sequence samples."""
         if not len(self._bias_tokens) and (self._penalties is None or not self._penalties.active):
             return logits
             return logits
-        if self._row is None:
-            self._row = np.empty_like(logits)
-        np.copyto(self._row, logits)
-        self._row[self._bias_tokens] += self._bias_amounts  # a bias names each token once
+        row = self._scratch.adjusted
+        np.copyto(row, logits)
+        row[self._bias_tokens] += self._bias_amounts  # a bias names each token once
         if self._penalties is not None:
-            self._penalties.apply(self._row)
-        return self._row
+            self._penalties.apply(row)
+        return row
 
     def _pick(self, row: np.ndarray) -> int:
         """The token the parameters choose from ``row``, without accepting it."""
