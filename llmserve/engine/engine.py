@@ -2,9 +2,10 @@
 
 Greenlets talk to it only through ``submit`` and ``cancel``; it answers through each job's event sink.
 Each step builds one batch holding the next token of every decoding sequence plus a bounded chunk of
-prompt for sequences being prefilled, runs one ``llama_decode``, and samples each sequence with its own
-sampler chain. Jobs join and leave between steps. A free slot is given to the job that the scheduler
-picks, preferring the slot whose cached tokens share the longest prefix with the job's prompt.
+prompt for sequences being prefilled, runs one ``llama_decode``, samples each sequence (numpy, in
+``sampling``), and only then tells the jobs their tokens. Jobs join and leave between steps. A free slot
+is given to the job that the scheduler picks, preferring the slot whose cached tokens share the longest
+prefix with the job's prompt.
 """
 
 from __future__ import annotations
@@ -137,8 +138,10 @@ class Engine:
         self._embedded: dict[Job, list[np.ndarray]] = {}
         self._stopping = False
         self._drain_deadline: float | None = None
-        # Jobs retired while a step samples: their Finished waits until the step's time is charged.
-        self._finishing: list[tuple[Job, FinishReason]] | None = None
+        # What a step tells its jobs, held until all its rows are sampled: a greenlet woken by the first
+        # row's token would take the GIL from the rows still sampling (numpy releases it between
+        # operations), and a Finished needs the step's time charged first.
+        self._outbox: list[tuple[Job, Token | FinishReason]] | None = None
         self._scratch: Scratch | None = None
         self._exited = _native_lock()
         self.state = EngineState.STARTING
@@ -468,8 +471,8 @@ class Engine:
             self._stats.prompt_tokens += chunk_end - slot.prefilled
             slot.prefilled = chunk_end
         started = time.perf_counter()
-        finishing: list[tuple[Job, FinishReason]] = []
-        self._finishing = finishing
+        outbox: list[tuple[Job, Token | FinishReason]] = []
+        self._outbox = outbox
         try:
             context.decode()
             logits = context.logits()
@@ -480,10 +483,19 @@ class Engine:
             self._stats.record_step(seconds, context.batch_size)
             charge_step(seconds, jobs, tokens)
         finally:
-            self._finishing = None
-            for job, reason in finishing:
-                job.sink.push(Finished(reason, job.engine_seconds))
+            self._outbox = None
+            for job, event in outbox:
+                self._tell(job, event)
         self._resolve_donors(context)
+
+    def _tell(self, job: Job, event: Token | FinishReason) -> None:
+        """Push ``event`` to the job now, or at the end of the step that is sampling."""
+        if self._outbox is not None:
+            self._outbox.append((job, event))
+        elif isinstance(event, FinishReason):
+            job.sink.push(Finished(event, job.engine_seconds))
+        else:
+            job.sink.push(event)
 
     def _sample(self, logits: np.ndarray, slot: Slot) -> None:
         assert slot.job is not None and slot.spec is not None
@@ -504,7 +516,7 @@ class Engine:
         slot.next_token = token
         self._stats.generated_tokens += 1
         self._scheduler.charge(slot.job, generated_tokens=1)
-        slot.job.sink.push(Token(token, logprob))
+        self._tell(slot.job, Token(token, logprob))
         if self.vocab.is_end_of_generation(token):
             self._retire(slot, FinishReason.STOP)
         elif slot.generated >= slot.spec.max_tokens or len(slot.cached) + 1 >= self.settings.context_length:
@@ -512,10 +524,7 @@ class Engine:
 
     def _retire(self, slot: Slot, reason: FinishReason) -> None:
         assert slot.job is not None
-        if self._finishing is None:
-            slot.job.sink.push(Finished(reason, slot.job.engine_seconds))
-        else:
-            self._finishing.append((slot.job, reason))  # told once this step's time is charged
+        self._tell(slot.job, reason)
         if reason is FinishReason.CANCELLED:
             self._stats.cancelled += 1
         self._scheduler.release(slot.job)
