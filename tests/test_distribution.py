@@ -88,11 +88,13 @@ def llama_reference(logits: np.ndarray, params: SamplingParams) -> dict[int, flo
     return dict(zip(ids.tolist(), (weights / weights.sum()).tolist(), strict=True))
 
 
-def assert_draws_match(logits: np.ndarray, params: SamplingParams, expected: dict[int, float]) -> None:
+def assert_draws_match(
+    logits: np.ndarray, params: SamplingParams, expected: dict[int, float], scratch: Scratch = SCRATCH
+) -> None:
     """Seeded draws fall only on candidates and at their probabilities (the likeliest 30 each in a bin
     of its own, the rest pooled), by a chi-square test at p > 1e-4."""
     rng = random.Random(1234)
-    drawn = np.array([draw(logits, params, rng, SCRATCH) for _ in range(DRAWS)])
+    drawn = np.array([draw(logits, params, rng, scratch) for _ in range(DRAWS)])
     assert set(drawn.tolist()) <= set(expected), "a token outside the candidate set was drawn"
     ranked = sorted(expected, key=expected.__getitem__, reverse=True)
     bins = ranked[:30]
@@ -146,6 +148,31 @@ def test_tokens_beyond_the_head_keep_their_exact_probability(
     monkeypatch.setattr(distribution, "HEAD_SPAN", 1.5)
     logits = model_like_logits()
     assert_draws_match(logits, params, reference(logits, params))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=0.7, top_p=0.6, min_p=0.1)],
+    ids=lambda p: f"T{p.temperature}-p{p.top_p}-minp{p.min_p}",
+)
+def test_a_nucleus_cut_the_tail_could_move_keeps_the_exact_distribution(
+    monkeypatch: pytest.MonkeyPatch, params: SamplingParams
+) -> None:
+    """100 tokens within a 3-nat head, 200 far below it: the tail's bound leaves a wide band of tokens
+    that may or may not be in the nucleus, so many draws land there and must be checked against the
+    exact cut (most of them rejected: the tail really weighs little)."""
+    monkeypatch.setattr(distribution, "HEAD_SPAN", 3.0)
+    logits = np.concatenate([np.linspace(0.0, -3.0, 100, dtype=np.float32), np.full(200, -10.0, dtype=np.float32)])
+    checked: list[int] = []
+    exact_draw = distribution._nucleus_draw
+
+    def counted(*args: object, **kwargs: object) -> int:
+        checked.append(1)
+        return exact_draw(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(distribution, "_nucleus_draw", counted)
+    assert_draws_match(logits, params, reference(logits, params), Scratch(len(logits)))
+    assert len(checked) > DRAWS // 20  # the band was really drawn from, and resolved
 
 
 def test_the_full_distribution_reaches_the_tail() -> None:

@@ -139,5 +139,5 @@ def token_logprob(logits: np.ndarray, token: int, top: int, scratch: Scratch) ->
     log_total = peak + float(np.log(total_weight(logits, peak, scratch)))
     best: tuple[tuple[int, float], ...] = ()
     if top > 0:
-        best = tuple((int(t), float(logits[t]) - log_total) for t in most_likely(logits, top))
+        best = tuple((int(t), float(logits[t]) - log_total) for t in most_likely(logits, top, scratch))
     return TokenLogprob(token=token, logprob=float(logits[token]) - log_total, top=best)
