@@ -48,6 +48,18 @@ BAD_COMPLETIONS = [
     ({"model": MODEL, "prompt": [1, "a"]}, "prompt", None),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, "presence_penalty", None),
     ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, None, None),
+    # Values of the wrong JSON type are refused, never coerced.
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "4"}, "max_tokens", None),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": True}, "max_tokens", None),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 4.0}, "max_tokens", None),
+    ({"model": MODEL, "prompt": "hi", "seed": "42"}, "seed", None),
+    ({"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream", None),
+    ({"model": MODEL, "prompt": "hi", "temperature": "0.5"}, "temperature", None),
+    ({"model": MODEL, "prompt": "hi", "echo": 1}, "echo", None),
+    # Every list and string that costs per token has a bound.
+    ({"model": MODEL, "prompt": "hi", "stop": "x" * 1025}, "stop", None),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias", None),
+    ({"model": MODEL, "prompt": ["hi"] * 2049}, "prompt", None),
 ]
 
 
@@ -86,6 +98,32 @@ def test_bad_chat_requests(client: FlaskClient, body: dict, param: str | None) -
 def test_embeddings_refuse_unsupported_dimensions(client: FlaskClient) -> None:
     body = {"model": MODEL, "input": "x", "dimensions": 8}
     assert_openai_error(client.post("/v1/embeddings", json=body), 400, param="dimensions")
+
+
+def test_embeddings_refuse_more_inputs_than_openai_allows(client: FlaskClient) -> None:
+    body = {"model": MODEL, "input": ["x"] * 2049}
+    assert_openai_error(client.post("/v1/embeddings", json=body), 400, param="input")
+
+
+def test_chats_refuse_more_messages_than_the_documented_maximum(client: FlaskClient) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}] * 2049}
+    assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param="messages")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "gemma-3-270m", "prompt": "\\ud800"}',  # a lone UTF-16 surrogate
+        b'{"model": "gemma-3-270m", "prompt": "\xff"}',  # not UTF-8
+        b"[" * 100_000 + b"]" * 100_000,  # nested far deeper than any request
+        b'{"model": "gemma-3-270m", "prompt": "hi"',
+    ],
+    ids=["lone-surrogate", "not-utf8", "deep-nesting", "truncated"],
+)
+def test_bodies_that_are_not_valid_json_get_400(client: FlaskClient, raw: bytes) -> None:
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
+        error = assert_openai_error(client.post(path, data=raw, content_type="application/json"), 400)
+        assert "parse the JSON body" in error["message"]
 
 
 def test_embeddings_refuse_empty_strings(client: FlaskClient) -> None:

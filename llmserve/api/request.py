@@ -7,7 +7,6 @@ not). Endpoint modules only say how their responses are shaped.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,15 +32,16 @@ M = TypeVar("M", bound=BaseModel)
 def parse_body(model: type[M]) -> M:
     if request.mimetype != "application/json":
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}.")
+    # pydantic parses the JSON itself: strictly typed (``"4"`` is not a number), refusing invalid UTF-8
+    # and lone surrogates, and with a depth limit instead of Python's recursion limit.
     try:
-        payload = json.loads(request.get_data(cache=False) or b"null")
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("We could not parse the JSON body of your request.") from None
-    if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    try:
-        return model.model_validate(payload)
+        return model.model_validate_json(request.get_data(cache=False) or b"null")
     except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise InvalidRequest("We could not parse the JSON body of your request.") from None
+        if not first["loc"]:
+            raise InvalidRequest("The request body must be a JSON object.") from None
         raise from_validation_error(exc) from None
 
 

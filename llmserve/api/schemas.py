@@ -12,12 +12,19 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+# Each is matched against the text of every token on the hub; OpenAI documents no length.
+MAX_STOP_LENGTH = 1024
 MAX_TOOLS = 128  # as the OpenAI API allows
+MAX_INPUTS = 2048  # prompts or embedding inputs in one request, as OpenAI allows for embeddings
+MAX_MESSAGES = 2048
+MAX_LOGIT_BIAS = 1024  # entries, each applied per token
 TOKEN_ID = re.compile(r"[0-9]{1,9}")
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields and values of the wrong JSON type are refused, as the OpenAI API refuses them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(StrictModel):
@@ -36,6 +43,8 @@ def _prompt_list(value: Any) -> list[str | list[int]]:
     """Accept a string, strings, a token list or token lists; return a list of prompts."""
     if isinstance(value, str):
         return [value]
+    if isinstance(value, list) and len(value) > MAX_INPUTS and not all(isinstance(p, int) for p in value):
+        raise ValueError(f"at most {MAX_INPUTS} inputs are allowed in one request, got {len(value)}")
     if isinstance(value, list) and value:
         if all(isinstance(p, str) for p in value):
             return list(value)
@@ -75,11 +84,15 @@ class GenerationRequest(StrictModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"each stop sequence may be at most {MAX_STOP_LENGTH} characters long")
         return stops
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(value)}")
         for token, bias in (value or {}).items():
             if not TOKEN_ID.fullmatch(token):
                 raise ValueError(f"keys must be token ids, got {token!r}")
@@ -223,7 +236,7 @@ class ResponseFormat(StrictModel):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
