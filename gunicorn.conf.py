@@ -15,8 +15,10 @@ import tempfile
 from pathlib import Path
 
 import gevent
+import gunicorn.util
 
 from llmserve import lifecycle
+from llmserve.errors import write_protocol_error
 from llmserve.ledger.store import LedgerUnavailable, open_ledger
 from llmserve.logs import logging_config
 from llmserve.settings import SettingsError, load_settings
@@ -28,6 +30,8 @@ if _METRICS_DIR not in os.environ:  # this file runs again on every reload: make
 
 # Readiness is reported by the workers once their model is warm, not by gunicorn's master at bind time.
 lifecycle.hide_notify_socket()
+# Requests gunicorn refuses before the app sees them get an error object too, not an HTML page.
+gunicorn.util.write_error = write_protocol_error
 
 try:
     _settings = load_settings()

@@ -6,11 +6,14 @@ Every non-2xx response, from a bad parameter to an unknown route to a crash, lea
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import socket
 from typing import Any
 
 from flask import Flask, Response, g, jsonify
+from gunicorn.util import write_nonblock
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -199,3 +202,12 @@ def init_app(app: Flask) -> None:
     def _unexpected(error: Exception) -> Response:
         log.error("unhandled error while serving a request", exc_info=error)
         return respond_with(APIError("The server had an error while processing your request."))
+
+
+def write_protocol_error(sock: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it cannot even parse (a bad request line, headers too large), as an
+    error object rather than gunicorn's HTML page; installed over ``gunicorn.util.write_error``."""
+    error = (InvalidRequest if status < 500 else APIError)(message or reason)
+    body = json.dumps(error.body()).encode()
+    head = f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)

@@ -21,7 +21,13 @@ from llmserve.api.disconnect import ClientWatch
 from llmserve.api.runner import Choice, GenerationRun, Update
 from llmserve.api.schemas import GenerationRequest
 from llmserve.engine.jobs import GenerationSpec, SamplingParams
-from llmserve.errors import ContextLengthExceeded, InvalidRequest, UnsupportedMediaType, from_validation_error
+from llmserve.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    from_validation_error,
+)
 from llmserve.quotas import current_quotas
 from llmserve.service import ModelService
 from llmserve.tenancy import current_tenant
@@ -34,8 +40,13 @@ def parse_body(model: type[M]) -> M:
         raise UnsupportedMediaType(f"Content-Type must be application/json, got {request.mimetype or 'none'!r}.")
     # pydantic parses the JSON itself: strictly typed (``"4"`` is not a number), refusing invalid UTF-8
     # and lone surrogates, and with a depth limit instead of Python's recursion limit.
+    data = request.get_data(cache=False)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(data) >= limit:
+        # A chunked body is read only up to the limit (werkzeug stops there): what is left is the rest.
+        raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this server accepts.")
     try:
-        return model.model_validate_json(request.get_data(cache=False) or b"null")
+        return model.model_validate_json(data or b"null")
     except ValidationError as exc:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":

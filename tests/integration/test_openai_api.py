@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import math
 import struct
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -243,6 +244,31 @@ def test_errors_surface_as_the_clients_own_exceptions(client: openai.OpenAI) -> 
 def test_unknown_routes_are_openai_errors(server: Server) -> None:
     response = httpx.get(f"{server.url}/v2/whatever", timeout=5)
     assert response.status_code == 404
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_requests_gunicorn_refuses_get_error_objects_too(server: Server) -> None:
+    """Too many headers never reach the app: gunicorn answers them, with an error object, not HTML."""
+    headers = {f"X-Filler-{number}": "x" for number in range(200)}
+    response = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=5)
+    assert response.status_code == 431
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_oversized_chunked_body_is_413(server: Server) -> None:
+    """A body with no Content-Length is cut off at ``max_request_bytes`` (8 MiB) and refused as too large."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "gemma-3-270m", "prompt": "'
+        for _ in range(20):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 413
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
