@@ -120,36 +120,37 @@ def test_a_marker_start_at_the_very_end_is_content() -> None:
     assert accumulate(deltas) == ("Hello <tool_c", [])
 
 
-def test_arguments_cut_short_never_come_back_as_a_call() -> None:
+def test_a_call_cut_short_in_its_arguments_comes_back_as_announced() -> None:
+    """As OpenAI returns a call that max_tokens cut: the arguments it got, never markup as content."""
     text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Par'
     reply, deltas = parse(list(text))
-    assert reply.tool_calls == []
-    assert reply.content == text
-    # The stream announced the call, as OpenAI streams a call cut short by max_tokens.
-    assert accumulate(deltas) == (
-        None,
-        [
-            {
-                "id": "call_" + "0" * 24,
-                "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Par'},
-            }
-        ],
-    )
+    expected = [
+        {
+            "id": "call_" + "0" * 24,
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Par'},
+        }
+    ]
+    assert reply.content is None
+    assert reply.tool_calls == expected
+    assert accumulate(deltas) == (None, expected)
 
 
-def test_a_cut_before_the_name_is_complete_is_content_in_the_stream_too() -> None:
+def test_a_call_cut_before_its_name_is_complete_is_dropped() -> None:
     text = 'Sure. <tool_call>{"name": "get_wea'
     reply, deltas = parse(list(text))
-    assert reply == ParsedReply(text, [], [{"content": ' <tool_call>{"name": "get_wea'}])
-    assert accumulate(deltas) == (text, [])
+    assert reply == ParsedReply("Sure.", [], [])
+    assert accumulate(deltas) == ("Sure.", [])
 
 
 def test_earlier_calls_survive_a_later_call_cut_short() -> None:
     text = '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": {"x": [1, 2'
     reply, _ = parse([text])
-    assert [c["function"]["name"] for c in reply.tool_calls] == ["a"]
-    assert reply.content == text[text.index("\n") :]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in reply.tool_calls] == [
+        ("a", "{}"),
+        ("b", '{"x": [1, 2'),
+    ]
+    assert reply.content is None
 
 
 def test_a_call_missing_only_its_closing_marker_is_whole() -> None:

@@ -77,6 +77,8 @@ def reply_format(body: ChatCompletionRequest) -> ReplyFormat:
     forced = chosen not in ("none", "auto", "required")
     if forced and chosen not in {f.name for f in functions}:
         raise InvalidRequest(f"{choice_param} names {chosen!r}, which is not a declared function.", param=choice_param)
+    # A named function is called exactly once, as OpenAI's named tool_choice returns one call.
+    parallel = parallel and not forced
     prompt = render_tools_prompt(functions, chosen, parallel=parallel)
     if chosen == "none":
         return ReplyFormat(grammar=_response_grammar(body), tools_prompt=prompt)

@@ -8,11 +8,11 @@ back only while it may still be the start of a call marker, and whitespace just 
 the last one, is dropped.
 
 ``finish`` returns the message: the content (None when the reply is only calls) and the calls, their
-``arguments`` the JSON text the model wrote. The deltas concatenate exactly to it, with one exception: a
-call the model did not complete (max_tokens or a stop sequence cut it short) is never returned as a call,
-since its arguments would not parse; its text becomes content. If its name was complete, a stream has
-already announced it, as OpenAI streams a call cut short, and the finish_reason "length" tells the
-client. A block that is not a call at all (possible only without the grammar) is content.
+``arguments`` the JSON text the model wrote; the deltas concatenate exactly to it. Call markup never
+becomes content. A call cut short (max_tokens, a stop sequence) in its arguments is returned with the
+arguments it got, as OpenAI returns one, and the finish_reason "length" tells the client they are
+incomplete; one cut before its name was complete is dropped, since nothing announced it. A block that is
+not a call at all (possible only without the grammar, which every parsed reply has) is content.
 """
 
 from __future__ import annotations
@@ -131,15 +131,14 @@ class ToolCallParser:
 
     def finish(self) -> ParsedReply:
         deltas: list[dict[str, Any]] = []
-        if self._state is _State.CLOSING:
-            self._complete()  # only the closing marker is missing: the call itself is whole
+        if self._state in (_State.CLOSING, _State.ARGUMENTS):
+            self._complete()  # whole but for its closing marker, or cut short in its arguments
         elif self._state is _State.TEXT:
             if self._pending.strip(_WHITESPACE) or not self._calls:
                 self._say(deltas, self._pending)
-        elif self._state is not _State.FINISHED:
+        elif self._state is _State.MALFORMED:
             self._content.append(self._gap + self._block + self._pending)
-            if self._call is None:
-                deltas.append({"content": self._content[-1]})
+            deltas.append({"content": self._content[-1]})
         self._state = _State.FINISHED
         self._pending = ""
         content = "".join(self._content) if self._content or not self._calls else None

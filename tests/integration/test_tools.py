@@ -155,23 +155,54 @@ def streamed_reply(client: openai.OpenAI, request: dict[str, Any]) -> tuple[str,
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_streamed_calls_reassemble_into_the_unstreamed_reply(client: openai.OpenAI, parallel: bool) -> None:
-    """With parallel calls the small model keeps calling until max_tokens: a stream has then already
-    announced the call that was cut short, which the whole reply leaves out (finish_reason "length")."""
+    """With parallel calls the small model keeps calling until max_tokens: the call cut short is in both,
+    with the arguments it got (finish_reason "length"), and no call markup is ever content."""
     request = {**GREEDY, "messages": ASK, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": parallel}
     cache_prompt(client, request)
     whole = client.chat.completions.create(**request).choices[0]
     content, calls, reason = streamed_reply(client, request)
     assert reason == whole.finish_reason
     assert whole.message.tool_calls is not None
-    complete = [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
-    assert [(c["name"], c["arguments"]) for c in calls[: len(complete)]] == complete
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls
+    ]
     assert len({c["id"] for c in calls}) == len(calls)
-    if len(calls) > len(complete):
-        assert len(calls) == len(complete) + 1 and reason == "length"
-    else:
-        assert content == (whole.message.content or "")
+    assert content == (whole.message.content or "")
+    assert "<tool_call>" not in content
     if not parallel:
         assert reason == "tool_calls" and len(calls) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_function_is_called_exactly_once(client: openai.OpenAI, stream: bool) -> None:
+    """parallel_tool_calls left at its default: OpenAI still returns exactly one call of a named function,
+    with content null."""
+    request = {
+        **GREEDY,
+        "messages": ASK,
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 80,
+    }
+    if stream:
+        content, calls, reason = streamed_reply(client, request)
+        assert (content, reason, len(calls)) == ("", "stop", 1)
+        Draft202012Validator(SCHEMAS["get_weather"]).validate(json.loads(calls[0]["arguments"]))
+        return
+    choice = client.chat.completions.create(**request).choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    assert_valid_call(choice.message.tool_calls[0], ("get_weather",))
+
+
+def test_a_call_cut_by_max_tokens_keeps_its_partial_arguments(client: openai.OpenAI) -> None:
+    request = {**GREEDY, "messages": ASK, "tools": TOOLS, "tool_choice": "required", "max_tokens": 20}
+    choice = client.chat.completions.create(**request).choices[0]
+    assert choice.finish_reason == "length"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
+    assert choice.message.tool_calls[0].function.name in SCHEMAS
 
 
 def test_parallel_calls_have_distinct_ids_and_valid_arguments(client: openai.OpenAI) -> None:
@@ -185,7 +216,8 @@ def test_parallel_calls_have_distinct_ids_and_valid_arguments(client: openai.Ope
     assert choice.message.tool_calls
     assert choice.finish_reason in ("tool_calls", "length")
     assert len({call.id for call in choice.message.tool_calls}) == len(choice.message.tool_calls)
-    for call in choice.message.tool_calls:
+    whole = choice.message.tool_calls[:-1] if choice.finish_reason == "length" else choice.message.tool_calls
+    for call in whole:  # a last call cut by max_tokens has the arguments it got, incomplete
         assert_valid_call(call)
 
 
