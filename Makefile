@@ -37,8 +37,11 @@ lint: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(BIN)/pytest -m "not slow"
 
+# Installs or starts what the suite needs (tests/services.sh); every test then runs, none is skipped for a
+# missing service.
 test: lint
-	$(BIN)/pytest
+	bash tests/services.sh
+	LLMSERVE_REQUIRE_SERVICES=1 $(BIN)/pytest
 
 clean:
 	rm -rf $(VENV)

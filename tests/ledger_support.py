@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from llmserve.ledger.records import UsageRecord
+from tests.conftest import missing_service
 
 # PostgreSQL runs on every development and CI machine; each test gets a schema of its own in it.
 POSTGRES_URL = os.environ.get("LLMSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -49,7 +49,7 @@ def make_record(number: int, **changes: Any) -> UsageRecord:
 def postgres_object(kind: str, prefix: str) -> Iterator[str]:
     """A fresh PostgreSQL ``kind`` (SCHEMA or DATABASE) named ``prefix`` + random, dropped afterwards.
 
-    Without a server the test is skipped, except in CI, where PostgreSQL must be there.
+    Without a server the test is skipped, except under ``make test``, where PostgreSQL must be there.
     """
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
@@ -58,9 +58,7 @@ def postgres_object(kind: str, prefix: str) -> Iterator[str]:
             connection.execute(text(f'CREATE {kind} "{name}"'))
     except OperationalError as exc:
         admin.dispose()
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {exc.orig}")
+        missing_service(f"no PostgreSQL at {POSTGRES_URL}: {exc.orig}")
     try:
         yield name
     finally:

@@ -1,7 +1,10 @@
 """The /metrics endpoint in a single process (the multi-worker view is tested with a real server)."""
 
+import sys
+import types
 from dataclasses import dataclass, field
 
+import pytest
 from flask.testing import FlaskClient
 
 from llmserve.api.runner import Usage
@@ -90,5 +93,18 @@ def test_process_and_gpu_readings_reach_the_metrics(client: FlaskClient) -> None
     assert 'llmserve_gpu_utilization_ratio{gpu="0",name="Test GPU"} 0.5' in text
 
 
-def test_no_gpu_means_no_gpu_series() -> None:
-    assert GpuMonitor().read() == []  # this host has no NVIDIA driver; nothing fails
+class NoDriver(types.ModuleType):
+    """NVML's bindings on a host without the NVIDIA driver: initialising fails."""
+
+    class NVMLError(Exception):
+        pass
+
+    def nvmlInit(self) -> None:
+        raise self.NVMLError("Driver Not Loaded")
+
+
+@pytest.mark.parametrize("bindings", [None, NoDriver("pynvml")], ids=["no-bindings", "no-driver"])
+def test_no_gpu_means_no_gpu_series(monkeypatch: pytest.MonkeyPatch, bindings: types.ModuleType | None) -> None:
+    """Whatever this host has, a missing NVML library or driver means no readings, and nothing fails."""
+    monkeypatch.setitem(sys.modules, "pynvml", bindings)
+    assert GpuMonitor().read() == []
