@@ -21,7 +21,7 @@ from llmserve import lifecycle
 from llmserve.errors import write_protocol_error
 from llmserve.ledger.store import LedgerUnavailable, open_ledger
 from llmserve.logs import logging_config
-from llmserve.settings import SettingsError, load_settings
+from llmserve.settings import SettingsError, keyless_refusal, load_settings
 
 # Every worker writes its metric samples here; it must be set before a worker imports prometheus_client.
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -76,7 +76,22 @@ def on_starting(server):  # type: ignore[no-untyped-def]
 
 
 def when_ready(server):  # type: ignore[no-untyped-def]
+    """The sockets are bound (``-b`` and systemd's included), no worker runs yet: a server without API
+    keys refuses to start on any address other hosts can reach."""
+    exposed = lifecycle.non_loopback_addresses(server.LISTENERS) if _settings.loopback_only else []
+    if exposed:
+        sys.exit(f"llmserve: {keyless_refusal(', '.join(exposed))}")
     lifecycle.handle_master_term(server)
+    lifecycle.handle_master_hup(server, _reload_problem)
+
+
+def _reload_problem() -> str | None:
+    """Why the settings as they are now on disk and in the environment would not load, if they would not."""
+    try:
+        load_settings()
+    except SettingsError as error:
+        return str(error)
+    return None
 
 
 def on_reload(server):  # type: ignore[no-untyped-def]

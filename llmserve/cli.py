@@ -97,10 +97,12 @@ def serve(config: Path | None, **values: Any) -> None:
 @_with_settings_options
 @main.command()
 @_config_option
-def config(config: Path | None, **values: Any) -> None:
+@click.option("--quiet", is_flag=True, help="Only validate: print nothing, exit 1 with the reason if invalid.")
+def config(config: Path | None, quiet: bool, **values: Any) -> None:
     """Validate the settings and print them as JSON."""
     settings = _apply(config, values)
-    click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+    if not quiet:
+        click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
 
 
 @main.group()

@@ -4,7 +4,8 @@ Readiness. gunicorn's master tells systemd ``READY=1`` right after binding, long
 loaded the model. ``gunicorn.conf.py`` therefore moves ``NOTIFY_SOCKET`` out of gunicorn's sight (into
 ``LLMSERVE_NOTIFY_SOCKET``), and a worker says ``READY=1`` itself once its model is loaded and warm
 (the unit sets ``NotifyAccess=all``). The master says ``RELOADING=1`` on SIGHUP and ``STOPPING=1`` on
-SIGTERM. A worker that joins while others serve (a reload, a replacement for a dead worker) does not
+SIGTERM. A SIGHUP whose settings do not load is refused and the old workers serve on. A worker that
+joins while others serve (a reload, a replacement for a dead worker) does not
 accept connections until its model is warm: connections wait in the listen backlog rather than meet a
 worker that can only answer 503.
 
@@ -17,13 +18,14 @@ a SIGINT, stops at once.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -136,16 +138,43 @@ def _exit_when_drained(in_flight: InFlight) -> None:
 
 
 def watch_engine(worker: Any, service: Any, timeout: float) -> None:
-    """Replace this worker when its engine makes no progress with work pending for ``timeout`` seconds:
-    /healthz already fails then, and a fresh worker is the cure (under systemd nobody else would act)."""
-    while worker.alive and service.engine.alive:
+    """Replace this worker when its engine cannot serve any more: /healthz already fails then, and a fresh
+    worker is the cure (under systemd nobody else would act).
+
+    An engine that failed after it was ready (an error on its thread) leaves through the drain, so the
+    errors its jobs got still reach their clients; one stalled with work pending for ``timeout`` seconds
+    cannot be drained and leaves at once. An engine that never loaded its model stays as it is (a new
+    worker would fail the same way): /readyz says why.
+    """
+    engine = service.engine
+    while worker.alive and engine.alive:
         stalled = service.stalled_for()
         if stalled > timeout:
             log.error("engine stalled for %.1fs with work pending; replacing this worker", stalled)
+            service.metrics.worker_replacements.labels(service.model_id, "stalled").inc()
             worker.alive = False
             os.kill(os.getpid(), signal.SIGQUIT)  # gunicorn's quick stop; the arbiter starts a new worker
             return
         gevent.sleep(min(1.0, timeout / 2))
+    if worker.alive and engine.served and engine.failure is not None:
+        log.error("engine failed while serving (%s); replacing this worker", engine.failure)
+        service.metrics.worker_replacements.labels(service.model_id, "failed").inc()
+        os.kill(os.getpid(), signal.SIGTERM)  # the drain: answers already failed are still sent
+
+
+def non_loopback_addresses(listeners: Iterable[Any]) -> list[str]:
+    """The addresses of gunicorn's bound ``listeners`` (every ``-b``, sockets systemd passed in) that other
+    hosts can reach: TCP sockets not bound to a loopback address. Unix sockets are local."""
+    exposed = []
+    for listener in listeners:
+        if listener.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        host, port = listener.sock.getsockname()[:2]
+        address = ipaddress.ip_address(host)
+        mapped = getattr(address, "ipv4_mapped", None)
+        if not (mapped or address).is_loopback:
+            exposed.append(f"[{host}]:{port}" if address.version == 6 else f"{host}:{port}")
+    return exposed
 
 
 def handle_master_term(arbiter: Any) -> None:
@@ -165,6 +194,23 @@ def handle_master_term(arbiter: Any) -> None:
         forward(signum, frame)
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+def handle_master_hup(arbiter: Any, reload_problem: Callable[[], str | None]) -> None:
+    """A SIGHUP reloads only settings that load: gunicorn would re-read its config file, and a broken one
+    stops the master (or fails every new worker). Refused, the old workers go on serving, and the log and
+    systemd's status say why."""
+    forward: Callable[[int, FrameType | None], None] = arbiter.signal
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        problem = reload_problem()
+        if problem is not None:
+            log.error("reload refused, the workers keep their settings: %s", problem)
+            notify(f"STATUS=serving; reload refused: {problem.splitlines()[0]}")
+            return
+        forward(signum, frame)
+
+    signal.signal(signal.SIGHUP, on_hup)
 
 
 def announce_reload() -> None:

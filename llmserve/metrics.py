@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from flask import Flask, Response, g
+from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
@@ -91,6 +91,7 @@ class LLMMetrics:
     rejections: Counter
     cancellations: Counter
     errors: Counter
+    worker_replacements: Counter
     time_to_first_token: Histogram
     inter_token_latency: Histogram
     queue_wait: Histogram
@@ -144,6 +145,11 @@ class LLMMetrics:
                 "llmserve_cancellations", "Generations ended early by the client or a shutdown.", ("model", "reason")
             ),
             errors=counter("llmserve_errors", "Error responses by status and error code.", ("status", "code")),
+            worker_replacements=counter(
+                "llmserve_worker_replacements",
+                "Workers that replaced themselves because their engine failed or stalled.",
+                ("model", "reason"),
+            ),
             time_to_first_token=histogram(
                 "llmserve_time_to_first_token_seconds",
                 "From the request's arrival to its first generated token.",
@@ -247,7 +253,7 @@ def init_app(app: Flask, settings: Settings) -> LLMMetrics:
         code = g.get("request_log", {}).get("error_code")
         if code in REJECTION_CODES:
             llm.rejections.labels(model, code).inc()
-        if response.status_code >= 400:
+        if response.status_code >= 400 and request.path not in PROBE_PATHS:  # a 503 probe is no error
             llm.errors.labels(str(response.status_code), code or "unknown").inc()
         return response
 

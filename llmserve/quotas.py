@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, Response, current_app, g, request
 from flask_limiter import Limiter, RateLimitExceeded
@@ -71,6 +72,12 @@ def _seconds_until(reset_at: float) -> float:
 
 class Quotas:
     def __init__(self, settings: Settings) -> None:
+        # A Redis that does not answer costs a request at most this long per quota call, then fails open;
+        # without it a black-holed Redis would hang every metered request.
+        timeouts: dict[str, Any] = {
+            "socket_connect_timeout": settings.rate_limit_timeout,
+            "socket_timeout": settings.rate_limit_timeout,
+        }
         self.limiter = Limiter(
             key_func=_tenant_key,
             storage_uri=settings.rate_limit_storage,
@@ -78,6 +85,7 @@ class Quotas:
             key_prefix=KEY_PREFIX,
             headers_enabled=False,  # ours below follow OpenAI's names, for tokens too
             in_memory_fallback_enabled=True,
+            storage_options=timeouts if settings.rate_limit_storage.startswith("redis") else {},
         )
         self._auth_failures = RateLimitItemPerMinute(settings.auth_failures_per_minute)
         self.requests = self.limiter.shared_limit(_requests_per_minute, scope="requests", exempt_when=_no_request_quota)

@@ -84,6 +84,15 @@ class ModelSettings(BaseModel):
         return self
 
 
+def keyless_refusal(address: str) -> str:
+    """Why a server without API keys will not listen on ``address``, and what to do instead."""
+    return (
+        f"{address} is not a loopback address and no tenants are configured, so anyone who can reach it could "
+        "use the model. Configure [tenants.NAME] and create keys with `llmserve keys create --tenant NAME`, "
+        "bind to 127.0.0.1, or set allow_unauthenticated = true if an authenticating proxy guards the port"
+    )
+
+
 class Settings(BaseSettings):
     """Server settings; every field bounded and described."""
 
@@ -117,11 +126,25 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = Field(
         False, description="Serve without API keys on a non-loopback address (behind an authenticating proxy)."
     )
+    fault_drills: bool = Field(
+        False,
+        description="Honour the X-Fault-Drill request header (sequence: that request's decode fails after its "
+        "first token; engine: the engine thread fails; stall: it stops making progress), to rehearse "
+        "failures. Never on in production.",
+    )
+    metrics_networks: list[str] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="With tenants: client networks that may read /metrics and /readyz's engine details without "
+        "the admin key (a request a proxy forwarded, with X-Forwarded-For or Forwarded, never counts).",
+    )
     scheduling: Literal["fair", "fifo"] = Field(
         "fair", description="Who gets a free slot: weighted fair share of tokens, or first come first served."
     )
     rate_limit_storage: str = Field(
         "memory://", description="Quota counters: memory:// (per worker) or redis://host:port/db (shared)."
+    )
+    rate_limit_timeout: float = Field(
+        0.5, gt=0, le=30, description="Seconds a quota call waits for Redis (connect or answer) before failing open."
     )
     auth_failures_per_minute: int = Field(
         30, ge=1, le=100_000, description="Failed API-key attempts per client address before 429s."
@@ -138,19 +161,19 @@ class Settings(BaseSettings):
         for name in self.tenants:
             if not re.match(TENANT_NAME, name):
                 raise ValueError(f"tenant name {name!r} must match {TENANT_NAME}")
-        if not self.tenants and self.host not in LOOPBACK_HOSTS and not self.allow_unauthenticated:
-            raise ValueError(
-                f"host {self.host!r} is not a loopback address and no tenants are configured, so anyone who can "
-                "reach it could use the model. Configure [tenants.NAME] and create keys with "
-                "`llmserve keys create --tenant NAME`, bind to 127.0.0.1, or set allow_unauthenticated = true "
-                "if an authenticating proxy guards the port"
-            )
+        if self.loopback_only and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(keyless_refusal(f"host {self.host!r}"))
         return self
 
     @property
     def multi_tenant(self) -> bool:
         """API keys are required exactly when tenants are configured."""
         return bool(self.tenants)
+
+    @property
+    def loopback_only(self) -> bool:
+        """Without API keys, and not told that a proxy authenticates, the server listens on loopback only."""
+        return not self.tenants and not self.allow_unauthenticated
 
     @classmethod
     def settings_customise_sources(

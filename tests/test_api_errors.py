@@ -126,6 +126,16 @@ def test_bodies_that_are_not_valid_json_get_400(client: FlaskClient, raw: bytes)
         assert "parse the JSON body" in error["message"]
 
 
+def test_a_large_body_is_parsed_off_the_hub_with_the_same_answers(client: FlaskClient) -> None:
+    """Above 256 KiB the body is parsed on a native thread: errors still name their parameter."""
+    large = "word " * 100_000
+    refused = client.post("/v1/completions", json={"model": MODEL, "prompt": large, "max_tokens": "4"})
+    assert_openai_error(refused, 400, param="max_tokens")
+    messages = [{"role": "user", "content": large}]
+    accepted = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
+    assert_openai_error(accepted, 503, code="model_loading")  # valid: it got as far as the model
+
+
 def test_embeddings_refuse_empty_strings(client: FlaskClient) -> None:
     assert_openai_error(client.post("/v1/embeddings", json={"model": MODEL, "input": [""]}), 400, param="input")
 

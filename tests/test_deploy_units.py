@@ -13,6 +13,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from llmserve.settings import ENV_PREFIX, ModelSettings, Settings
+from tests.conftest import missing_service
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "systemd" / "llmserve.service"
@@ -181,7 +183,11 @@ def test_service_lifecycle_matches_the_server() -> None:
     assert get("Service", "KillMode") == "mixed"
     assert seconds(get("Service", "TimeoutStopSec")) > GRACEFUL_TIMEOUT_DEFAULT
     assert get("Service", "Restart") == "on-failure"
-    assert get("Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    # A reload validates the settings first; only then does the master get its SIGHUP.
+    assert unit.values("Service", "ExecReload") == [
+        "/opt/llmserve/.venv/bin/llmserve config --quiet",
+        "/bin/kill -HUP $MAINPID",
+    ]
     assert get("Service", "ExecStart") == "/opt/llmserve/.venv/bin/llmserve serve"
     assert get("Service", "EnvironmentFile") == "-/etc/llmserve/llmserve.env"
     assert get("Service", "LimitNOFILE")
@@ -428,7 +434,7 @@ def test_gpu_overlay_asks_for_a_gpu_and_offloads() -> None:
 def test_kustomize_builds(overlay: Path) -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl is not installed")
+        missing_service("kubectl is not installed")
     result = subprocess.run(
         [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120, check=False
     )
@@ -448,3 +454,24 @@ def test_install_guide_settings_examples_are_valid(monkeypatch: pytest.MonkeyPat
     assert blocks, "docs/install.md has no TOML example"
     for block in blocks:
         Settings(**tomllib.loads(block))
+
+
+def test_the_reload_check_fails_on_settings_that_do_not_load(tmp_path: Path) -> None:
+    """What ExecReload runs before signalling: silent and 0 on good settings, 1 with the reason on bad."""
+    check = unit_reload_check()
+    config = tmp_path / "llmserve.toml"
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    env |= {"LLMSERVE_CONFIG": str(config), "LLMSERVE_STATE_DIR": str(tmp_path / "state")}
+    config.write_text("queue_size = 8\n")
+    good = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
+    assert (good.returncode, good.stdout) == (0, "")
+    config.write_text("queue_size = 'many'\n")
+    bad = subprocess.run(check, env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "queue_size" in bad.stderr
+
+
+def unit_reload_check() -> list[str]:
+    """The unit's first ExecReload command, run with this checkout's ``llmserve``."""
+    command = Unit.parse(SERVICE.read_text()).values("Service", "ExecReload")[0].split()
+    return [str(Path(sys.executable).parent / "llmserve"), *command[1:]]

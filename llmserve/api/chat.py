@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response
 
 from llmserve.api.chat_tools import CallStyle, ReplyFormat, chat_messages, reply_format
-from llmserve.api.request import build_choices, new_id, parse_body, respond
+from llmserve.api.request import build_choices, new_id, off_hub_if_large, parse_body, respond
 from llmserve.api.runner import Update
 from llmserve.api.schemas import ChatCompletionRequest
 from llmserve.engine.jobs import TokenLogprob
@@ -152,9 +152,9 @@ def create_chat_completion() -> Response:
     body = parse_body(ChatCompletionRequest)
     service = current_service()
     service.require_model(body.model)
-    reply = reply_format(body)  # tools and schemas are checked before any model work
+    reply = off_hub_if_large(reply_format, body)  # tools and schemas are checked before any model work
     messages = chat_messages(body.messages, reply.tools_prompt)
-    prompt = service.tokenize(service.render_chat(messages), add_special=False)
+    prompt = service.tokenize(off_hub_if_large(service.render_chat, messages), add_special=False)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     choices = build_choices(
         service,

@@ -92,12 +92,13 @@ class EmbeddingRun:
         return self._engine_time.settle(self._stream, timeout)
 
     def vectors(self, timeout: float) -> tuple[np.ndarray, ...]:
-        """Submit the job and wait for its vectors; a 503 if no event came for ``timeout`` seconds."""
+        """Submit the job and wait for its vectors; a 503 if it waited ``timeout`` seconds for the engine.
+        Once admitted it waits for as long as its inputs take (a stalled engine is the watchdog's)."""
         self._engine.submit(self._job)
         vectors: tuple[np.ndarray, ...] | None = None
         try:
             while True:
-                item = self._stream.get(timeout)
+                item = self._stream.get(timeout if self.admitted_at is None else None)
                 if item is None:
                     raise QueueTimeout("The embedding request waited too long; retry later.", retry_after=1)
                 event = item[1]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
+import gevent
 from flask import Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
@@ -20,7 +21,7 @@ from llmserve.api import sse
 from llmserve.api.disconnect import ClientWatch
 from llmserve.api.runner import Choice, GenerationRun, Update
 from llmserve.api.schemas import GenerationRequest
-from llmserve.engine.jobs import GenerationSpec, SamplingParams
+from llmserve.engine.jobs import Fault, GenerationSpec, SamplingParams
 from llmserve.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -33,6 +34,10 @@ from llmserve.service import ModelService
 from llmserve.tenancy import current_tenant
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+# Bytes of request body from which its preparation runs off the hub (see ``off_hub_if_large``).
+LARGE_BODY = 256 * 1024
+FAULT_HEADER = "X-Fault-Drill"
 
 
 def parse_body(model: type[M]) -> M:
@@ -45,8 +50,9 @@ def parse_body(model: type[M]) -> M:
     if request.content_length is None and limit is not None and len(data) >= limit:
         # A chunked body is read only up to the limit (werkzeug stops there): what is left is the rest.
         raise PayloadTooLarge(f"The request body is larger than the {limit} bytes this server accepts.")
+    g.large_request = len(data) > LARGE_BODY
     try:
-        return model.model_validate_json(data or b"null")
+        return off_hub_if_large(model.model_validate_json, data or b"null")
     except ValidationError as exc:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
@@ -54,6 +60,15 @@ def parse_body(model: type[M]) -> M:
         if not first["loc"]:
             raise InvalidRequest("The request body must be a JSON object.") from None
         raise from_validation_error(exc) from None
+
+
+def off_hub_if_large(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a native thread when the request's body is large (parsing it, turning its
+    schemas into grammars, rendering its messages), so that the hub goes on serving other streams."""
+    if not g.get("large_request"):
+        return function(*args)
+    result: T = gevent.get_hub().threadpool.apply(function, args)
+    return result
 
 
 def sampling_params(body: GenerationRequest, vocab_size: int) -> SamplingParams:
@@ -73,6 +88,18 @@ def sampling_params(body: GenerationRequest, vocab_size: int) -> SamplingParams:
         seed=body.seed,
         logit_bias=tuple(bias),
     )
+
+
+def requested_fault(drills_allowed: bool) -> Fault | None:
+    """The failure a fault drill asks for in the ``X-Fault-Drill`` header, honoured only when the
+    ``fault_drills`` setting allows drills; otherwise the header means nothing."""
+    name = request.headers.get(FAULT_HEADER)
+    if not drills_allowed or name is None:
+        return None
+    try:
+        return Fault(name)
+    except ValueError:
+        raise InvalidRequest(f"{FAULT_HEADER} must be one of {', '.join(Fault)}, got {name!r}.") from None
 
 
 def output_budget(prompt_tokens: int, requested: int | None, context_length: int, default: int | None) -> int:
@@ -128,12 +155,13 @@ def build_choices(
                 param="max_tokens",
             )
         default_max_tokens = min(default_max_tokens or cap, cap)
+    fault = requested_fault(service.settings.fault_drills)
     choices: list[Choice] = []
     for prompt_index, prompt in enumerate(prompts):
         budget = output_budget(len(prompt), requested, context_length, default_max_tokens)
         for offset in range(body.n):
             seed = None if sampling.seed is None else sampling.seed + offset
-            spec = GenerationSpec(prompt, budget, replace(sampling, seed=seed), top_logprobs, grammar)
+            spec = GenerationSpec(prompt, budget, replace(sampling, seed=seed), top_logprobs, grammar, fault)
             choices.append(Choice(len(choices), spec, body.stop_sequences, prompt_index))
     return choices
 

@@ -28,6 +28,7 @@ from llmserve.engine.jobs import (
     Admitted,
     Embeddings,
     EmbeddingSpec,
+    Fault,
     Finished,
     FinishReason,
     GenerationSpec,
@@ -37,7 +38,7 @@ from llmserve.engine.jobs import (
     RejectReason,
     Token,
 )
-from llmserve.engine.llama_model import LlamaContext, LlamaModel, Vocabulary
+from llmserve.engine.llama_model import LlamaContext, LlamaError, LlamaModel, Vocabulary
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
 from llmserve.engine.stats import EngineStats, StatsRecorder, StepSample, TenantLoad
 from llmserve.settings import ModelSettings
@@ -92,6 +93,21 @@ class Slot:
         return self.spec is not None and self.prefilled < len(self.spec.prompt)
 
 
+@dataclass
+class Fed:
+    """What one slot put into a step's batch, and how to take it back if the decode fails."""
+
+    slot: Slot
+    job: Job
+    tokens: int  # the tokens it put in (one when generating, a chunk when prefilling), for charging the step
+    cached_before: int
+    prefilled_before: int
+
+
+class InjectedFault(Exception):
+    """The engine thread's failure that a fault drill asked for."""
+
+
 def charge_step(seconds: float, jobs: Sequence[Job], tokens: Sequence[int]) -> None:
     """Split one step's time among its jobs by the tokens each put into the batch (a decoded token counts
     one, a prefill chunk its length), so that the engine time of all jobs adds up to the engine's."""
@@ -130,12 +146,16 @@ class Engine:
         self._clock = MonotonicClock()
         self._scheduler: FairScheduler[Job] = FairScheduler(self._clock, max_queued=queue_size, policy=policy)
         self._scheduler.configure(shares)
+        # Embedding requests wait in a scheduler of their own, with the same caps, shares and timeouts, for
+        # the one embedding lane: its decodes alternate with the generation steps.
+        self._embed_scheduler: FairScheduler[Job] = FairScheduler(self._clock, max_queued=queue_size, policy=policy)
+        self._embed_scheduler.configure(shares)
         self._drain = DrainRate(self._clock)
         self._tenant_drain: dict[str, DrainRate] = {}
         self._slots = [Slot(i) for i in range(model_settings.parallel)]
         self._stats = StatsRecorder(model_settings.parallel)
-        self._embed_queue: list[Job] = []
-        self._embedded: dict[Job, list[np.ndarray]] = {}
+        self._embedding: Job | None = None  # the embedding job in the lane
+        self._embedded: list[np.ndarray] = []  # its vectors so far
         self._stopping = False
         self._drain_deadline: float | None = None
         # What a step tells its jobs, held until all its rows are sampled: a greenlet woken by the first
@@ -145,6 +165,7 @@ class Engine:
         self._scratch: Scratch | None = None
         self._exited = _native_lock()
         self.state = EngineState.STARTING
+        self.served = False  # it has been ready: a failure from then on is not one of loading the model
         self.failure: str | None = None
         self.model: LlamaModel | None = None
         self.vocab: Vocabulary | None = None
@@ -189,7 +210,7 @@ class Engine:
     def busy(self) -> bool:
         """Whether any job is queued or running (the watchdog only judges progress while busy)."""
         stats = self._stats.snapshot
-        return stats.slots_busy > 0 or stats.queued > 0 or bool(self._embed_queue)
+        return stats.slots_busy > 0 or stats.queued > 0 or self._embedding is not None
 
     def stats(self) -> EngineStats:
         return self._stats.snapshot
@@ -228,6 +249,7 @@ class Engine:
                 self.settings.context_length,
             )
             self.state = EngineState.READY
+            self.served = True
             self._loop(context, embedder)
             self.state = EngineState.STOPPED
         except Exception as exc:
@@ -259,27 +281,40 @@ class Engine:
     def _loop(self, context: LlamaContext, embedder: Embedder | None) -> None:
         while not self._stopping:
             self.last_progress = time.monotonic()
-            idle = not self._embed_queue and all(slot.job is None for slot in self._slots) and not len(self._scheduler)
+            idle = (
+                self._embedding is None
+                and all(slot.job is None for slot in self._slots)
+                and not len(self._scheduler)
+                and not len(self._embed_scheduler)
+            )
             self._take_inbox(context, block=idle)
             self._apply_drain()
             self._drop_cancelled_and_expired()
             self._admit(context)
-            if self._embed_queue and embedder is not None:
+            self._publish()  # before the work, so that a step that hangs shows its jobs as pending
+            if self._embedding is not None and embedder is not None:
                 self._embed_next(embedder)
             if any(slot.computing for slot in self._slots):
                 self._step(context)
-            busy = [slot for slot in self._slots if slot.job is not None]
-            self._stats.publish(
-                busy=len(busy),
-                prefilling=sum(1 for slot in busy if slot.prefilling),
-                kv_cells=sum(len(slot.cached) for slot in self._slots),
-                queued=len(self._scheduler),
-                jobs_per_second=self._drain.per_second,
-                tenants={
-                    tenant: TenantLoad(self._scheduler.running(tenant), self._scheduler.queued(tenant), counter)
-                    for tenant, counter in self._scheduler.counters().items()
-                },
-            )
+            self._publish()
+
+    def _publish(self) -> None:
+        busy = [slot for slot in self._slots if slot.job is not None]
+        self._stats.publish(
+            busy=len(busy),
+            prefilling=sum(1 for slot in busy if slot.prefilling),
+            kv_cells=sum(len(slot.cached) for slot in self._slots),
+            queued=len(self._scheduler) + len(self._embed_scheduler),
+            jobs_per_second=self._drain.per_second,
+            tenants={
+                tenant: TenantLoad(
+                    self._scheduler.running(tenant) + self._embed_scheduler.running(tenant),
+                    self._scheduler.queued(tenant) + self._embed_scheduler.queued(tenant),
+                    counter,
+                )
+                for tenant, counter in self._scheduler.counters().items()
+            },
+        )
 
     def _take_inbox(self, context: LlamaContext, *, block: bool) -> None:
         """Take every new job; each gets a free slot at once if there is one, so only jobs that must
@@ -299,18 +334,18 @@ class Engine:
             job.sink.push(SHUTTING_DOWN)
             return
         if isinstance(job.spec, EmbeddingSpec):
-            self._embed_queue.append(job)
-            return
+            scheduler, free = self._embed_scheduler, int(self._embedding is None)
+        else:
+            scheduler, free = self._scheduler, sum(1 for slot in self._slots if slot.job is None)
         try:
-            free_slots = sum(1 for slot in self._slots if slot.job is None)
-            self._scheduler.submit(job, tenant=job.tenant, timeout=self._queue_timeout, free_slots=free_slots)
+            scheduler.submit(job, tenant=job.tenant, timeout=self._queue_timeout, free_slots=free)
         except TenantQueueFullError:
             self._stats.rejected += 1
-            waiting = self._scheduler.queued(job.tenant)
+            waiting = scheduler.queued(job.tenant)
             job.sink.push(Rejected(RejectReason.TENANT_QUEUE_FULL, self._drain_of(job.tenant).retry_after(waiting)))
         except QueueFullError:
             self._stats.rejected += 1
-            job.sink.push(Rejected(RejectReason.QUEUE_FULL, self._drain.retry_after(len(self._scheduler))))
+            job.sink.push(Rejected(RejectReason.QUEUE_FULL, self._drain.retry_after(len(scheduler))))
 
     def _drain_of(self, tenant: str) -> DrainRate:
         """How fast this tenant's jobs finish: its queue drains at its share of the engine, not all of it."""
@@ -324,37 +359,36 @@ class Engine:
         whatever still runs ends, and its client gets an error rather than a cut connection."""
         if self._drain_deadline is None:
             return
-        for job in self._scheduler.jobs():
-            self._scheduler.remove(job)
-            job.sink.push(SHUTTING_DOWN)
+        for scheduler in (self._scheduler, self._embed_scheduler):
+            for job in scheduler.jobs():
+                scheduler.remove(job)
+                job.sink.push(SHUTTING_DOWN)
         if time.monotonic() < self._drain_deadline:
             return
         for slot in self._slots:
             if slot.job is not None:
                 self._retire(slot, FinishReason.CANCELLED)
-        for job in self._embed_queue:
-            job.sink.push(SHUTTING_DOWN)
-        self._embed_queue.clear()
-        self._embedded.clear()
+        if self._embedding is not None:
+            self._end_embedding(FinishReason.CANCELLED)
 
     def _drop_cancelled_and_expired(self) -> None:
-        for job in self._scheduler.jobs():
-            if job.cancelled:
-                self._scheduler.remove(job)
-                self._stats.cancelled += 1
-                job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
-        for job in self._scheduler.expired():
-            self._stats.rejected += 1
-            job.sink.push(Rejected(RejectReason.QUEUE_TIMEOUT, self._drain.retry_after(len(self._scheduler))))
-        for job in [job for job in self._embed_queue if job.cancelled]:
-            self._embed_queue.remove(job)
-            self._embedded.pop(job, None)
-            job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
+        for scheduler in (self._scheduler, self._embed_scheduler):
+            for job in scheduler.jobs():
+                if job.cancelled:
+                    scheduler.remove(job)
+                    self._stats.cancelled += 1
+                    job.sink.push(Finished(FinishReason.CANCELLED, job.engine_seconds))
+            for job in scheduler.expired():
+                self._stats.rejected += 1
+                job.sink.push(Rejected(RejectReason.QUEUE_TIMEOUT, self._drain.retry_after(len(scheduler))))
+        if self._embedding is not None and self._embedding.cancelled:
+            self._end_embedding(FinishReason.CANCELLED)
         for slot in self._slots:
             if slot.job is not None and slot.job.stop_reason is not None:
                 self._retire(slot, slot.job.stop_reason)
 
     def _admit(self, context: LlamaContext) -> None:
+        self._admit_embedding()
         self._resolve_donors(context)
         free = [slot for slot in self._slots if slot.job is None]
         while free:
@@ -439,21 +473,55 @@ class Engine:
                 slot.prefilled = available
 
     def _step(self, context: LlamaContext) -> None:
-        context.clear_batch()
         active = [slot for slot in self._slots if slot.computing]
-        jobs: list[Job] = []
-        tokens: list[int] = []  # what each active slot puts into the batch, for charging the step's time
+        self._drill({slot.spec.fault for slot in active if slot.spec is not None})
+        started = time.perf_counter()
+        outbox: list[tuple[Job, Token | FinishReason]] = []
+        self._outbox = outbox
+        try:
+            fed = self._fill_batch(context, active)
+            batch_size = context.batch_size
+            try:
+                context.decode()
+            except LlamaError as error:
+                self._decode_one_by_one(context, fed, error)
+            else:
+                self._sample_outputs(context, fed)
+            seconds = time.perf_counter() - started
+            self._stats.record_step(seconds, batch_size)
+            charge_step(seconds, [entry.job for entry in fed], [entry.tokens for entry in fed])
+        finally:
+            self._outbox = None
+            for job, event in outbox:
+                self._tell(job, event)
+        self._resolve_donors(context)
+
+    def _drill(self, faults: set[Fault | None]) -> None:
+        """The engine-wide failures fault drills ask for (a sequence's own is fed in ``_fill_batch``)."""
+        if Fault.ENGINE in faults:
+            raise InjectedFault("fault drill: the engine thread fails")
+        while Fault.STALL in faults and not self._stopping:
+            time.sleep(IDLE_WAIT)
+
+    def _fill_batch(self, context: LlamaContext, active: Sequence[Slot]) -> list[Fed]:
+        """Put the next token of every generating slot, then prompt chunks of prefilling ones up to the
+        batch's capacity, into a cleared batch; each slot's ``output_row`` says which logits are its."""
+        assert self.vocab is not None
+        context.clear_batch()
+        fed = []
         for slot in active:
-            assert slot.job is not None
-            jobs.append(slot.job)
-            tokens.append(0 if slot.prefilling else 1)
+            assert slot.job is not None and slot.spec is not None
+            fed.append(Fed(slot, slot.job, 0 if slot.prefilling else 1, len(slot.cached), slot.prefilled))
             slot.output_row = -1
             if not slot.prefilling:
                 slot.output_row = context.outputs
-                context.add(slot.next_token, len(slot.cached), slot.index, True)
+                # A fault drill's token id outside the vocabulary, which llama.cpp refuses for this batch.
+                token = self.vocab.size if slot.spec.fault is Fault.SEQUENCE else slot.next_token
+                context.add(token, len(slot.cached), slot.index, True)
                 slot.cached.append(slot.next_token)
         budget = context.capacity - context.batch_size
-        for number, slot in enumerate(active):
+        for entry in fed:
+            slot = entry.slot
             if budget <= 0:
                 break
             if not slot.prefilling:
@@ -466,27 +534,47 @@ class Engine:
             for position in range(slot.prefilled, chunk_end):
                 context.add(prompt[position], position, slot.index, position == len(prompt) - 1)
             slot.cached.extend(prompt[slot.prefilled : chunk_end])
-            tokens[number] = chunk_end - slot.prefilled
+            entry.tokens = chunk_end - slot.prefilled
             budget -= chunk_end - slot.prefilled
             self._stats.prompt_tokens += chunk_end - slot.prefilled
             slot.prefilled = chunk_end
-        started = time.perf_counter()
-        outbox: list[tuple[Job, Token | FinishReason]] = []
-        self._outbox = outbox
-        try:
-            context.decode()
-            logits = context.logits()
-            for slot in active:
-                if slot.output_row >= 0:
-                    self._sample(logits[slot.output_row], slot)
-            seconds = time.perf_counter() - started
-            self._stats.record_step(seconds, context.batch_size)
-            charge_step(seconds, jobs, tokens)
-        finally:
-            self._outbox = None
-            for job, event in outbox:
-                self._tell(job, event)
-        self._resolve_donors(context)
+        return fed
+
+    def _sample_outputs(self, context: LlamaContext, fed: Sequence[Fed]) -> None:
+        logits = context.logits()
+        for entry in fed:
+            if entry.slot.output_row >= 0 and entry.slot.job is entry.job:
+                self._sample(logits[entry.slot.output_row], entry.slot)
+
+    def _decode_one_by_one(self, context: LlamaContext, fed: Sequence[Fed], error: LlamaError) -> None:
+        """A decode failed, and llama.cpp does not say for which sequence's input: undo the step and decode
+        each sequence's part alone, so that only the sequences whose own decode fails end (with an error)."""
+        log.warning("engine %s: %s; decoding its %d sequences one by one", self.settings.id, error, len(fed))
+        for entry in fed:
+            self._undo(context, entry)
+        for entry in fed:
+            if entry.slot.job is not entry.job:
+                continue  # retired by the undo
+            self._fill_batch(context, [entry.slot])
+            try:
+                context.decode()
+            except LlamaError as own:
+                log.error("engine %s: job %d stopped: %s", self.settings.id, entry.job.id, own)
+                self._undo(context, entry)
+                if entry.slot.job is entry.job:
+                    self._retire(entry.slot, FinishReason.ERROR)
+                continue
+            self._sample_outputs(context, [entry])
+
+    def _undo(self, context: LlamaContext, entry: Fed) -> None:
+        """Take back what ``entry`` put into the KV cache this step (cells a failed decode may have left)."""
+        slot = entry.slot
+        kept = context.forget(slot.index, entry.cached_before)
+        del slot.cached[kept:]
+        self._stats.prompt_tokens -= slot.prefilled - entry.prefilled_before
+        slot.prefilled = min(entry.prefilled_before, kept)
+        if kept < entry.cached_before and slot.job is entry.job:
+            self._retire(slot, FinishReason.ERROR)  # its cache could not be cut back: it cannot go on
 
     def _tell(self, job: Job, event: Token | FinishReason) -> None:
         """Push ``event`` to the job now, or at the end of the step that is sampling."""
@@ -534,35 +622,54 @@ class Engine:
             slot.sampler.close()
         slot.job, slot.spec, slot.sampler, slot.output_row, slot.donor = None, None, None, -1, None
 
-    def _embed_next(self, embedder: Embedder) -> None:
-        """One embedding decode for the oldest embedding job; a job of many inputs takes several turns."""
-        job = self._embed_queue[0]
+    def _admit_embedding(self) -> None:
+        """Give a free embedding lane to the embedding job the scheduler picks."""
+        if self._embedding is not None:
+            return
+        job = self._embed_scheduler.next()
+        if job is None:
+            return
         assert isinstance(job.spec, EmbeddingSpec)
-        done = self._embedded.setdefault(job, [])
-        remaining = job.spec.inputs[len(done) :]
-        if not done:
-            job.sink.push(Admitted(cached_tokens=0))
+        self._embed_scheduler.charge(job, prompt_tokens=sum(len(tokens) for tokens in job.spec.inputs))
+        self._embedding, self._embedded = job, []
+        job.sink.push(Admitted(cached_tokens=0))
+
+    def _embed_next(self, embedder: Embedder) -> None:
+        """One embedding decode for the job in the lane; a job of many inputs takes several turns."""
+        job = self._embedding
+        assert job is not None and isinstance(job.spec, EmbeddingSpec)
+        remaining = job.spec.inputs[len(self._embedded) :]
         started = time.perf_counter()
         vectors = embedder.embed(remaining[: embedder.fitting(remaining)])
         seconds = time.perf_counter() - started
         job.engine_seconds += seconds
         self._stats.record_embedding(seconds)
-        done.extend(vectors)
+        self._embedded.extend(vectors)
         self._stats.embedded_inputs += len(vectors)
-        if len(done) == len(job.spec.inputs):
-            self._embed_queue.pop(0)
-            del self._embedded[job]
-            job.sink.push(Embeddings(tuple(done)))
-            job.sink.push(Finished(FinishReason.STOP, job.engine_seconds))
+        if len(self._embedded) == len(job.spec.inputs):
+            job.sink.push(Embeddings(tuple(self._embedded)))
+            self._end_embedding(FinishReason.STOP)
+
+    def _end_embedding(self, reason: FinishReason) -> None:
+        job = self._embedding
+        assert job is not None
+        if reason is FinishReason.CANCELLED:
+            self._stats.cancelled += 1
+        job.sink.push(Finished(reason, job.engine_seconds))
+        self._embed_scheduler.release(job)
+        self._drain.record_finished()
+        self._drain_of(job.tenant).record_finished()
+        self._embedding, self._embedded = None, []
 
     def _fail_everything(self) -> None:
         """Leave no waiting client behind when the thread ends, however it ends."""
         for slot in self._slots:
             if slot.job is not None:
                 self._retire(slot, FinishReason.ERROR if self.state == EngineState.FAILED else FinishReason.CANCELLED)
-        for job in self._scheduler.jobs() + self._embed_queue:
+        if self._embedding is not None:
+            self._end_embedding(FinishReason.ERROR if self.state == EngineState.FAILED else FinishReason.CANCELLED)
+        for job in self._scheduler.jobs() + self._embed_scheduler.jobs():
             job.sink.push(SHUTTING_DOWN)
-        self._embed_queue.clear()
         try:
             while True:
                 item = self._inbox.get_nowait()

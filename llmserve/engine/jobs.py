@@ -19,7 +19,7 @@ _job_ids = itertools.count(1)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-sequence sampling; each running sequence keeps its own sampler chain built from these."""
+    """Per-sequence sampling; each running sequence keeps its own sampler built from these."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -51,6 +51,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
 
 
+class Fault(StrEnum):
+    """A failure a fault drill asks for (the ``fault_drills`` setting), once the job holds a slot."""
+
+    SEQUENCE = "sequence"  # after its first token, its own decode fails (a token id llama.cpp refuses)
+    ENGINE = "engine"  # the engine thread fails
+    STALL = "stall"  # the engine thread stops making progress until it is stopped
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     prompt: tuple[int, ...]
@@ -58,6 +66,7 @@ class GenerationSpec:
     sampling: SamplingParams = SamplingParams()
     top_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
     grammar: str | None = None  # GBNF (rule ``root``) the output must match: structured outputs, tool calls
+    fault: Fault | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt:

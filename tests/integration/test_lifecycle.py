@@ -155,19 +155,60 @@ def test_sighup_applies_a_changed_tenant_file_while_a_stream_completes(tmp_path:
         stop_server(server)
 
 
+def test_sighup_with_broken_settings_keeps_the_old_workers_serving(tmp_path: Path) -> None:
+    server = start_server(tmp_path, config="queue_size = 8\n")
+    try:
+        results: list[list[str]] = []
+        stream = threading.Thread(
+            target=read_stream, args=(f"{server.url}/v1/completions", counted_stream_body(100), results)
+        )
+        stream.start()
+        assert wait_for(lambda: bool(results) and len(results[0]) >= 2, timeout=30)
+        workers = set(server.worker_pids())
+        (tmp_path / "llmserve.toml").write_text("queue_size = [not toml\n")
+        server.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reload refused" in server.log.read_text(errors="replace"), timeout=30)
+        stream.join(timeout=60)
+        assert completion_tokens(results[0]) == 100
+        assert server.process.poll() is None
+        assert set(server.worker_pids()) == workers
+        served = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert served.status_code == 200
+        # Fixed, the next SIGHUP reloads.
+        (tmp_path / "llmserve.toml").write_text("queue_size = 4\n")
+        server.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: not workers & set(server.worker_pids()), timeout=60)
+    finally:
+        stop_server(server)
+
+
+def drill(server: Server, fault: str, body: dict | None = None) -> httpx.Response:
+    """A completion asking for ``fault`` (the server runs with fault drills on)."""
+    body = body or {"model": MODEL, "prompt": "Hello", "max_tokens": 8}
+    return httpx.post(f"{server.url}/v1/completions", json=body, headers={"X-Fault-Drill": fault}, timeout=60)
+
+
+def replaced(server: Server, before: set[int]) -> bool:
+    return bool(server.worker_pids()) and not before & set(server.worker_pids())
+
+
+def metric(server: Server, line_start: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_the_watchdog_fails_healthz_and_replaces_a_stalled_worker(tmp_path: Path) -> None:
-    """A stall is simulated by a watchdog shorter than one long prefill step (hundreds of milliseconds for
-    512 prompt tokens on this machine): with work pending, the engine shows no progress for longer."""
-    server = start_server(tmp_path, watchdog_timeout="0.05", model__batch_tokens="512", model__parallel="1")
+    server = start_server(tmp_path, watchdog_timeout="2", fault_drills="true")
     try:
         first = set(server.worker_pids())
-        body = {"model": MODEL, "prompt": "word " * 3000, "max_tokens": 4}
 
-        def long_prompt() -> None:
+        def stalled_request() -> None:
             with contextlib.suppress(httpx.HTTPError):  # its worker is replaced under it
-                httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+                drill(server, "stall")
 
-        threading.Thread(target=long_prompt).start()
+        threading.Thread(target=stalled_request).start()
         statuses: list[int] = []
 
         def unhealthy_seen() -> bool:
@@ -177,6 +218,58 @@ def test_the_watchdog_fails_healthz_and_replaces_a_stalled_worker(tmp_path: Path
 
         assert wait_for(unhealthy_seen, timeout=30)
         assert wait_for(lambda: "engine stalled" in server.log.read_text(errors="replace"), timeout=30)
-        assert wait_for(lambda: bool(server.worker_pids()) and not first & set(server.worker_pids()), timeout=60)
+        assert wait_for(lambda: replaced(server, first), timeout=60)
+        assert wait_for(lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, timeout=120)
+        assert metric(server, 'llmserve_worker_replacements_total{model="gemma-3-270m",reason="stalled"}') == 1
     finally:
         stop_server(server)
+
+
+def test_an_engine_failure_replaces_the_worker_which_then_serves(tmp_path: Path) -> None:
+    """The engine thread fails while serving: its requests get a 500 error object, the worker drains and
+    leaves, and the arbiter's new worker serves the next request."""
+    server = start_server(tmp_path, fault_drills="true")
+    try:
+        first = set(server.worker_pids())
+        failed = drill(server, "engine")
+        assert failed.status_code == 500
+        assert failed.json()["error"]["code"] == "engine_error"
+        assert wait_for(lambda: replaced(server, first), timeout=60)
+        assert wait_for(lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200, timeout=120)
+        served = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert served.status_code == 200
+        assert served.json()["usage"]["completion_tokens"] == 2
+        assert "engine failed while serving" in server.log.read_text(errors="replace")
+        assert metric(server, 'llmserve_worker_replacements_total{model="gemma-3-270m",reason="failed"}') == 1
+    finally:
+        stop_server(server)
+
+
+def test_a_sequence_whose_decode_fails_ends_alone(tmp_path: Path) -> None:
+    """llama.cpp refuses one sequence's input in a batch of three: that request ends with an error event
+    after its first token, the two others stream all their tokens, and the worker stays."""
+    server = start_server(tmp_path, fault_drills="true")
+    try:
+        first = set(server.worker_pids())
+        url = f"{server.url}/v1/completions"
+        results: list[list[str]] = []
+        healthy = [threading.Thread(target=read_stream, args=(url, counted_stream_body(48), results)) for _ in range(2)]
+        for thread in healthy:
+            thread.start()
+        assert wait_for(lambda: server.engine_stats()["slots_busy"] == 2, timeout=30)
+        failing: list[list[str]] = []
+        read_stream(url, counted_stream_body(48), failing, headers={"X-Fault-Drill": "sequence"})
+        for thread in healthy:
+            thread.join(timeout=120)
+        assert json.loads(failing[0][-1])["error"]["code"] == "engine_error"
+        assert [completion_tokens(lines) for lines in results] == [48, 48]
+        assert set(server.worker_pids()) == first
+        assert "decoding its 3 sequences one by one" in server.log.read_text(errors="replace")
+    finally:
+        stop_server(server)
+
+
+def test_fault_drill_headers_mean_nothing_unless_drills_are_on(server: Server) -> None:
+    response = drill(server, "engine")
+    assert response.status_code == 200
+    assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200

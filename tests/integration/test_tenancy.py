@@ -4,6 +4,7 @@ shared by two workers through a real Redis."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -100,6 +101,15 @@ def test_token_quota_runs_out_with_a_429_and_retry_after(tenant_server: Server, 
     assert 'llmserve_errors_total{code="rate_limit_exceeded",status="429"}' in metrics
 
 
+def test_readiness_details_are_for_those_who_may_read_the_metrics(tenant_server: Server) -> None:
+    """The plain answer stays open to balancers; the engine details (tenants' load) do not go through a proxy."""
+    direct = httpx.get(f"{tenant_server.url}/readyz", timeout=5)
+    proxied = httpx.get(f"{tenant_server.url}/readyz", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=5)
+    assert direct.status_code == proxied.status_code == 200
+    assert "alpha" in direct.json()["engine"]["tenants"]
+    assert proxied.json() == {"status": "ready", "model": MODEL}
+
+
 def test_unused_reserved_tokens_are_given_back(tenant_server: Server, tenant_dir: Path) -> None:
     key = create_key(tenant_dir, "gamma")
     client = client_for(tenant_server, key)
@@ -158,6 +168,67 @@ def test_two_workers_enforce_one_combined_limit_through_redis(shared_quota_serve
         statuses.append(response.status_code)
     assert statuses.count(200) == 4 and statuses.count(429) == 4, statuses
     assert statuses[:4] == [200] * 4
+
+
+def test_a_black_holed_redis_fails_open_within_the_timeout(tmp_path: Path) -> None:
+    """Redis accepts the connection (the kernel does) but never answers: every quota call gives up after
+    ``rate_limit_timeout`` and the request is served, uncounted, instead of hanging."""
+    black_hole = socket.create_server(("127.0.0.1", 0), backlog=64)  # never accepted, never answered
+    port = black_hole.getsockname()[1]
+    config = "[tenants.alpha]\ntokens_per_minute = 10000\n"  # counted by the server's own calls to Redis
+    server = start_server(
+        tmp_path, config=config, rate_limit_storage=f"redis://127.0.0.1:{port}/0", rate_limit_timeout="0.2"
+    )
+    try:
+        key = create_key(tmp_path, "alpha")
+        for _ in range(2):
+            response = httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=60,
+            )
+            assert response.status_code == 200
+            assert response.json()["usage"]["completion_tokens"] == 2
+        assert "quota storage unavailable" in server.log.read_text(errors="replace")
+    finally:
+        stop_server(server)
+        black_hole.close()
+
+
+def test_embeddings_wait_their_turn_fairly_and_within_the_queue_caps(tmp_path: Path) -> None:
+    """Embedding requests go through a fair scheduler of their own: tenant A floods it beyond its
+    max_queued (429s), and B's one request runs next after A's running one, not after all of A's."""
+    config = "[tenants.a]\nmax_queued = 3\n[tenants.b]\n"
+    server = start_server(tmp_path, config=config)
+    try:
+        a, b = create_key(tmp_path, "a"), create_key(tmp_path, "b")
+        url = f"{server.url}/v1/embeddings"
+        inputs = [f"sentence number {i} " + "about lighthouses and the sea " * 12 for i in range(48)]
+        finished: list[str] = []
+        statuses: dict[str, int] = {}
+
+        def run(name: str, key: str) -> None:
+            response = httpx.post(url, json={"model": MODEL, "input": inputs}, headers={"x-api-key": key}, timeout=300)
+            statuses[name] = response.status_code
+            if response.status_code == 200:
+                finished.append(name)
+            else:
+                assert response.json()["error"]["code"] == "tenant_queue_full"
+
+        threads = [threading.Thread(target=run, args=(f"a{i}", a)) for i in range(6)]
+        for thread in threads:
+            thread.start()
+        assert wait_for(lambda: server.engine_stats()["tenants"]["a"]["queued"] == 3, timeout=60)
+        threads.append(threading.Thread(target=run, args=("b", b)))
+        threads[-1].start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert 429 in statuses.values(), statuses
+        assert statuses["b"] == 200
+        assert finished.index("b") <= 2, finished  # after A's running request, and perhaps the next
+    finally:
+        stop_server(server)
 
 
 def test_a_waiting_tenant_gets_the_next_slot_before_a_flooding_one(tmp_path: Path) -> None:
