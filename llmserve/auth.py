@@ -1,5 +1,8 @@
 """Authentication: every request but the probes and ``/metrics`` gets a principal, or a 401.
 
+With tenants configured, ``/metrics`` (and the engine details of ``/readyz``) show every tenant's traffic:
+only the admin key or a client in ``metrics_networks`` may read them.
+
 Keys are accepted as ``Authorization: Bearer KEY`` (what the OpenAI SDKs send) and as ``x-api-key``.
 The hook runs before flask-limiter's, so the request quotas are counted against the tenant it found.
 """
@@ -8,10 +11,12 @@ from __future__ import annotations
 
 from flask import Flask, g, request
 
-from llmserve.errors import AuthenticationFailed, RateLimited
+from llmserve.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from llmserve.quotas import current_quotas
 from llmserve.requestlog import PROBE_PATHS
 from llmserve.tenancy import current_tenancy
+
+METRICS_PATH = "/metrics"
 
 
 def presented_key() -> str | None:
@@ -25,8 +30,18 @@ def _masked(key: str) -> str:
     return f"{key[:8]}***{key[-4:]}" if len(key) > 16 else "***"
 
 
+def may_observe() -> bool:
+    """Whether this request may see the metrics and readiness details (see ``Tenancy.may_observe``)."""
+    forwarded = "X-Forwarded-For" in request.headers or "Forwarded" in request.headers
+    return current_tenancy().may_observe(request.remote_addr, forwarded, presented_key())
+
+
 def authenticate() -> None:
-    if request.path in PROBE_PATHS:  # probes and the metrics scrape need no key
+    if request.path == METRICS_PATH and not may_observe():
+        raise PermissionDenied(
+            "The metrics show every tenant's traffic: they need the admin key, or a client address in metrics_networks."
+        )
+    if request.path in PROBE_PATHS:  # probes, and a scrape allowed above, need no tenant key
         return
     tenancy = current_tenancy()
     if tenancy.keyless is not None:

@@ -1,7 +1,8 @@
 """Logging configuration shared by gunicorn and the app: one stderr handler, JSON or text lines.
 
 ``json`` (the default) writes one object per line: ``time`` (ISO 8601, UTC), ``level``, ``logger``,
-``message``, then every field the call passed in ``extra`` (and ``exc_info`` with the traceback).
+``message``, ``pid`` (which worker, or the master, wrote it), then every field the call passed in
+``extra`` (and ``exc_info`` with the traceback).
 ``text`` writes a line for a terminal with the ``extra`` fields appended as ``key=value``.
 
 gunicorn's own loggers (``gunicorn.error``, and ``gunicorn.access`` should it be enabled) get no handlers
@@ -23,8 +24,8 @@ from pythonjsonlogger.json import JsonFormatter
 from llmserve.settings import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-JSON_FIELDS = ("asctime", "levelname", "name", "message")
-JSON_NAMES = {"asctime": "time", "levelname": "level", "name": "logger"}
+JSON_FIELDS = ("asctime", "levelname", "name", "message", "process")
+JSON_NAMES = {"asctime": "time", "levelname": "level", "name": "logger", "process": "pid"}
 
 REQUEST_LOGGER = "llmserve.requests"
 # The request line's message reads "METHOD path status duration_ms request_id" (see requestlog): a text

@@ -8,6 +8,7 @@ and cannot generate.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from flask import Flask, current_app, g
@@ -61,6 +62,7 @@ class Tenancy:
         self.keys = KeyStore(settings.state_dir)
         # Without tenants every caller is the default tenant, and may also use the admin endpoints.
         self.keyless = Principal(self.tenants[DEFAULT_TENANT], anonymous=True) if not settings.multi_tenant else None
+        self.observer_networks = tuple(ipaddress.ip_network(network) for network in settings.metrics_networks)
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
@@ -78,6 +80,24 @@ class Tenancy:
             return Principal(None, record.id)
         tenant = self.tenants.get(record.tenant or "")
         return Principal(tenant, record.id) if tenant is not None else None
+
+    def may_observe(self, address: str | None, forwarded: bool, presented: str | None) -> bool:
+        """Whether a caller may read the metrics and readiness details (tenant names, their load and
+        costs): anyone without tenants; with tenants, the admin key, or a direct (not proxied) client in
+        ``metrics_networks``."""
+        if self.keyless is not None:
+            return True
+        if address and not forwarded and any(_address_in(address, network) for network in self.observer_networks):
+            return True
+        principal = self.principal_for(presented) if presented else None
+        return principal is not None and principal.admin
+
+
+def _address_in(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(address) in network
+    except ValueError:  # not an IP address (a Unix socket's peer)
+        return False
 
 
 def current_tenancy() -> Tenancy:

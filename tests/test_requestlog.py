@@ -101,7 +101,8 @@ def test_the_json_line_parses_and_has_the_request_fields(client: FlaskClient, li
     (record,) = request_lines(lines)
     assert record.levelno == logging.INFO
     line = json.loads(formatter("json").format(record))
-    assert list(line)[:4] == ["time", "level", "logger", "message"]
+    assert list(line)[:5] == ["time", "level", "logger", "message", "pid"]
+    assert line["pid"] == os.getpid()
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
     assert line["level"] == "INFO"
     assert line["logger"] == REQUEST_LOGGER

@@ -121,6 +121,31 @@ def test_admin_endpoints_need_the_admin_key(client: FlaskClient, store: KeyStore
     assert refused.json["error"]["code"] == "permission_denied"
 
 
+def test_with_tenants_the_metrics_need_the_admin_key_or_a_trusted_network(client: FlaskClient, store: KeyStore) -> None:
+    """The metrics name every tenant and its traffic; loopback is trusted by default, a proxied request
+    (X-Forwarded-For) and any other address are not."""
+    _, tenant_key = store.create("alpha")
+    _, admin_key = store.create(None, admin=True)
+    remote = {"REMOTE_ADDR": "203.0.113.9"}
+    assert client.get("/metrics", environ_base=remote).status_code == 403
+    assert client.get("/metrics", environ_base=remote, headers=bearer(tenant_key)).status_code == 403
+    assert client.get("/metrics", environ_base=remote, headers=bearer(admin_key)).status_code == 200
+    refused = client.get("/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert refused.status_code == 403
+    assert refused.json["error"]["code"] == "permission_denied"
+    assert client.get("/metrics").status_code == 200  # a scrape from this host
+
+
+def test_metrics_networks_can_trust_no_address(settings: Settings) -> None:
+    client = create_app(settings.model_copy(update={"metrics_networks": []})).test_client()
+    assert client.get("/metrics").status_code == 403
+
+
+def test_without_tenants_anyone_who_reaches_the_server_reads_the_metrics(tmp_path: Path) -> None:
+    client = create_app(Settings(cache_dir=tmp_path / "cache", state_dir=tmp_path / "state")).test_client()
+    assert client.get("/metrics", environ_base={"REMOTE_ADDR": "203.0.113.9"}).status_code == 200
+
+
 def test_a_tenant_sees_its_own_limits_and_what_is_left(client: FlaskClient, store: KeyStore) -> None:
     _, key = store.create("alpha")
     client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers=bearer(key))

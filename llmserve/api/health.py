@@ -3,7 +3,8 @@
 ``/healthz`` fails when the engine thread has died or has made no progress for ``watchdog_timeout``
 seconds while work is pending (the worker then replaces itself too: see ``lifecycle.watch_engine``).
 ``/readyz`` is 200 only once the model is loaded and a warm-up decode ran, and 503 again from the moment
-the worker starts draining. Both answer from the hub without touching llama.cpp.
+the worker starts draining; its engine details (tenants' load among them) are for callers that may read
+the metrics. Both answer from the hub without touching llama.cpp.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from llmserve.auth import may_observe
 from llmserve.engine.engine import EngineState
 from llmserve.service import current_service
 
@@ -46,7 +48,7 @@ def readyz() -> Response:
     body: dict[str, Any] = {"status": status, "model": service.model_id}
     if engine.failure:
         body["error"] = "the model failed to load; see the server log"
-    if engine.state is EngineState.READY:
+    if engine.state is EngineState.READY and may_observe():
         body["engine"] = asdict(engine.stats())
     response = jsonify(body)
     response.status_code = 200 if ready else 503

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -49,19 +50,33 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     stop_server(running)
 
 
+def completion_pids(server: Server) -> list[int]:
+    """The worker that answered each completion so far, from the request lines of the JSON log."""
+    pids = []
+    for line in server.log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"path": "/v1/completions"' in line:
+            pids.append(json.loads(line)["pid"])
+    return pids
+
+
 def test_counters_add_up_across_workers(two_workers: Server) -> None:
-    client = two_workers.client(max_retries=0, timeout=120)
+    """Completions on fresh connections until both workers have served some (the kernel picks the
+    worker); every scrape, whichever worker answers it, reports the sum over both."""
     before = sample(two_workers, "llmserve_generation_tokens_total")
-    prompt_tokens = 0
-    for number in range(6):  # spread over both workers by the kernel's accept balancing
-        result = client.completions.create(
-            model=MODEL, prompt=f"Count {number}:", max_tokens=4, temperature=0, logit_bias=NO_EOS
+    served_before = len(completion_pids(two_workers))
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 4, "temperature": 0, "logit_bias": NO_EOS}
+    requests = 0
+    while len(set(completion_pids(two_workers)[served_before:])) < 2:
+        assert requests < 200, "one worker served every request"
+        response = httpx.post(
+            f"{two_workers.url}/v1/completions", json=body, headers={"Connection": "close"}, timeout=120
         )
-        assert result.usage is not None
-        prompt_tokens += result.usage.prompt_tokens
-    # Every scrape, whichever worker answers it, reports the sum over both.
+        assert response.json()["usage"]["completion_tokens"] == 4
+        requests += 1
+        assert wait_for(lambda n=requests: len(completion_pids(two_workers)) - served_before == n, timeout=10)
+    assert set(completion_pids(two_workers)[served_before:]) == set(two_workers.worker_pids())
     for _ in range(4):
-        assert sample(two_workers, "llmserve_generation_tokens_total") == before + 24
+        assert sample(two_workers, "llmserve_generation_tokens_total") == before + 4 * requests
 
 
 def test_gauges_sum_live_workers_and_forget_dead_ones(two_workers: Server) -> None:
