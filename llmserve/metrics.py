@@ -54,6 +54,7 @@ REJECTION_CODES = frozenset(
         "rate_limit_exceeded",
         "context_length_exceeded",
         "model_loading",
+        "engine_unavailable",
         "service_unavailable",
     }
 )

@@ -110,7 +110,14 @@ class ModelService:
 
     @property
     def vocab(self) -> Vocabulary:
-        """The vocabulary of the loaded model; a 503 while the model is still loading."""
+        """The vocabulary of the loaded model; a 503 while the model is still loading, or once the engine
+        has stopped (a failed engine's worker is being replaced: another worker may serve the retry)."""
+        if self.engine.served and not self.engine.alive:
+            raise ServiceUnavailable(
+                "This worker's engine has stopped and the worker is being replaced; retry the request.",
+                code="engine_unavailable",
+                retry_after=1,
+            )
         if self.engine.state is not EngineState.READY or self.engine.vocab is None:
             raise ServiceUnavailable("The model is loading; retry shortly.", code="model_loading", retry_after=5)
         return self.engine.vocab

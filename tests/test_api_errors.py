@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from llmserve.engine.engine import EngineState
+
 MODEL = "gemma-3-270m"
 
 
@@ -178,6 +180,15 @@ def test_valid_request_while_the_model_loads_is_503_with_retry_after(client: Fla
     response = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert_openai_error(response, 503, code="model_loading")
     assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_a_request_to_a_worker_whose_engine_failed_is_told_to_retry(client: FlaskClient) -> None:
+    """Not "loading": the worker is being replaced, and the retry may reach another one at once."""
+    engine = client.application.extensions["llmserve.service"].engine
+    engine.served, engine.state = True, EngineState.FAILED
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert_openai_error(response, 503, code="engine_unavailable")
+    assert response.headers["Retry-After"] == "1"
 
 
 def test_readiness_is_503_until_the_model_is_loaded(client: FlaskClient) -> None:
