@@ -257,9 +257,10 @@ def _strict_object(properties: dict[str, Any]) -> dict[str, Any]:
             r"^\$\.properties\.list\.items: strict requires 'additionalProperties': false",
         ),
         (
-            _strict_object({"age": {"type": "integer", "minimum": 0}}),
-            r"^\$\.properties\.age: 'minimum' cannot be enforced",
+            _strict_object({"price": {"type": "number", "minimum": 0}}),
+            r"^\$\.properties\.price: 'minimum' cannot be enforced",
         ),
+        (_strict_object({"n": {"type": "integer", "multipleOf": 5}}), r"^\$\.properties\.n: 'multipleOf' cannot"),
         (_strict_object({"mail": {"type": "string", "format": "email"}}), r"^\$\.properties\.mail: 'format' 'email'"),
         (_strict_object({"x": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}), r"^\$\.properties\.x: 'oneOf'"),
         (_strict_object({"s": {"type": "string", "pattern": "^\\s+$"}}), r"^\$\.properties\.s: 'pattern' uses '\\s'"),
@@ -287,8 +288,31 @@ def test_a_strict_schema_that_follows_the_rules_passes() -> None:
 
 
 def test_unenforced_bounds_are_dropped_without_strict() -> None:
-    grammar = Grammar(schema_grammar({"type": "object", "properties": {"age": {"type": "integer", "minimum": 18}}}))
-    assert grammar.matches('{"age": 3}')
+    grammar = Grammar(schema_grammar({"type": "object", "properties": {"price": {"type": "number", "minimum": 18}}}))
+    assert grammar.matches('{"price": 3.5}')
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_integer_bounds_are_enforced_by_the_grammar(strict: bool) -> None:
+    """minimum, maximum and their exclusive forms on an integer, as OpenAI's strict mode supports them."""
+    schema = _strict_object(
+        {
+            "age": {"type": "integer", "minimum": 18, "exclusiveMaximum": 130},
+            "delta": {"type": "integer", "exclusiveMinimum": -10.5, "maximum": 7},
+        }
+    )
+    check_schema(schema, strict=strict)
+    grammar = Grammar(schema_grammar(schema))
+    validator = Draft202012Validator(schema)
+    for age in (-1, 0, 17, 18, 19, 99, 100, 129, 130, 1000):
+        for delta in (-11, -10, -1, 0, 7, 8, 70):
+            text = json.dumps({"age": age, "delta": delta})
+            assert grammar.matches(text) == validator.is_valid(json.loads(text)), text
+
+
+def test_bounds_no_integer_meets_are_refused() -> None:
+    with pytest.raises(UnsupportedSchema, match="no integer is within its bounds"):
+        check_schema(_strict_object({"n": {"type": "integer", "minimum": 3.5, "maximum": 3.9}}), strict=True)
 
 
 def test_definition_names_never_capture_other_rules() -> None:

@@ -6,11 +6,11 @@ know and mishandles several it does: a type union drops every other keyword (``"
 rather than any value, definitions whose names collide with other rules resolve to the wrong rule, and
 strings may hold raw control characters. So every schema is first walked here: what the grammar cannot
 enforce is refused with the path that holds it, and the rest is rewritten into the shapes the converter
-handles correctly. The converter then runs unchanged except for two overrides (JSON-safe string
-characters, one rule per referenced definition).
+handles correctly. The converter then runs unchanged except for three overrides (JSON-safe string
+characters, one rule per referenced definition, integers within ``minimum``/``maximum`` bounds).
 
 Without ``strict`` (where OpenAI promises no adherence at all) bounds the grammar cannot enforce, such
-as ``minimum`` or an unsupported ``format``, are dropped; with ``strict`` they are refused, so that a
+as a non-integer number's ``minimum``, ``multipleOf`` or an unsupported ``format``, are dropped; with ``strict`` they are refused, so that a
 strict schema is either enforced exactly or not accepted. Structural keywords the grammar cannot express
 (``not``, ``if``, ``patternProperties``, ...) are refused either way.
 """
@@ -28,6 +28,7 @@ from jsonschema.exceptions import SchemaError
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
 
 from llmserve.structured.pattern import MAX_REPEAT, convert_pattern
+from llmserve.structured.ranges import integer_bounds, integer_range
 
 # Keywords that describe a value without constraining it.
 ANNOTATIONS = frozenset(
@@ -71,6 +72,10 @@ SUPPORTED = frozenset(
         "definitions",
     }
 )
+# Bounds of an integer, which the grammar enforces (``ranges``); of any other number it cannot.
+INTEGER_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+# How a prepared schema hands an integer's bounds to the converter (least, greatest; None: unbounded).
+INTEGER_RANGE = "llmserve-integer-range"
 # Bounds the grammar cannot enforce: dropped without strict, refused with it.
 UNENFORCED = frozenset(
     {
@@ -205,7 +210,8 @@ class _Walker:
         keys = set(schema)
         if unsupported := sorted(keys & UNSUPPORTED):
             raise UnsupportedSchema(f"{path}: {unsupported[0]!r} is not supported")
-        for keyword in sorted(keys & UNENFORCED):
+        integer_only = schema.get("type") in ("integer", ["integer"])
+        for keyword in sorted(keys & UNENFORCED - (INTEGER_BOUNDS if integer_only else frozenset())):
             self._unenforced(f"{path}: {keyword!r} cannot be enforced by the grammar, so strict does not allow it")
         constraints = keys & SUPPORTED - {"$defs", "definitions"}
         for combinator in ("$ref", "allOf", "anyOf", "oneOf"):
@@ -252,6 +258,13 @@ class _Walker:
             return self._array(schema, path)
         if json_type == "string":
             return self._string(schema, path)
+        if json_type == "integer" and schema.keys() & INTEGER_BOUNDS:
+            low, high = integer_bounds(
+                *(schema.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+            )
+            if low is not None and high is not None and low > high:
+                raise UnsupportedSchema(f"{path}: no integer is within its bounds")
+            return {"type": "integer", INTEGER_RANGE: (low, high)}
         return {"type": json_type}
 
     def _bounds(self, schema: Mapping[str, Any], low_key: str, high_key: str, path: str) -> dict[str, int]:
@@ -382,7 +395,7 @@ def check_schema(schema: Mapping[str, Any], *, strict: bool) -> None:
 
 
 class GrammarBuilder(SchemaConverter):
-    """llama-cpp-python's converter, with JSON-safe strings and a rule per referenced definition."""
+    """llama-cpp-python's converter, with JSON-safe strings, a rule per referenced definition and integer ranges."""
 
     def __init__(self) -> None:
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
@@ -409,6 +422,11 @@ class GrammarBuilder(SchemaConverter):
 
     def text(self) -> str:
         return str(self.format_grammar()) + "\n"
+
+    def visit(self, schema: Mapping[str, Any], name: str) -> str:
+        if INTEGER_RANGE in schema:
+            return self.rule(name or "root", f"( {integer_range(*schema[INTEGER_RANGE])} ) space")
+        return str(super().visit(schema, name))
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
         return str(super()._add_primitive(name, SAFE_CHAR if rule is PRIMITIVE_RULES["char"] else rule))
