@@ -77,6 +77,15 @@ BAD_TOOL_REQUESTS = [
         chat(response_format={"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
         "response_format.json_schema.name",
     ),
+    (  # a grammar far larger than any real schema needs (an enum of 20,000 names)
+        chat(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"enum": [f"name-number-{i:08d}" for i in range(20_000)]}},
+            }
+        ),
+        "response_format.json_schema.schema",
+    ),
     (
         {"model": MODEL, "messages": [*HI, {"role": "tool", "tool_call_id": "call_9", "content": "21 C"}]},
         "messages[1].tool_call_id",

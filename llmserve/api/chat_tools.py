@@ -31,6 +31,9 @@ from llmserve.structured import (
 ROLE_ALIASES = {"developer": "system"}
 # A function declared without parameters takes none (as OpenAI reads it).
 NO_PARAMETERS = {"type": "object", "properties": {}}
+# The largest grammar a request may need (llama.cpp compiles it per choice, and matches against it
+# every token): far above any real tool set or schema, far below what would cost the server seconds.
+MAX_GRAMMAR_BYTES = 256 * 1024
 
 
 class CallStyle(StrEnum):
@@ -73,7 +76,8 @@ def reply_format(body: ChatCompletionRequest) -> ReplyFormat:
         chosen = function_call if isinstance(function_call, str) else function_call.name
     else:
         return ReplyFormat(grammar=_response_grammar(body))
-    functions = _function_specs(declared, "tools" if style is CallStyle.TOOLS else "functions")
+    declared_param = "tools" if style is CallStyle.TOOLS else "functions"
+    functions = _function_specs(declared, declared_param)
     forced = chosen not in ("none", "auto", "required")
     if forced and chosen not in {f.name for f in functions}:
         raise InvalidRequest(f"{choice_param} names {chosen!r}, which is not a declared function.", param=choice_param)
@@ -89,11 +93,21 @@ def reply_format(body: ChatCompletionRequest) -> ReplyFormat:
             param="response_format",
         )
     return ReplyFormat(
-        grammar=tool_call_grammar(functions, choice=chosen, parallel=parallel),
+        grammar=_bounded(tool_call_grammar(functions, choice=chosen, parallel=parallel), declared_param),
         tools_prompt=prompt,
         calls=style,
         forced=forced,
     )
+
+
+def _bounded(grammar: str | None, param: str) -> str | None:
+    if grammar is not None and len(grammar) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequest(
+            f"The grammar for {param} would be {len(grammar)} bytes; at most {MAX_GRAMMAR_BYTES} are supported. "
+            "Simplify the schema.",
+            param=param,
+        )
+    return grammar
 
 
 def _function_specs(declared: Sequence[tuple[str, FunctionDefinition]], param: str) -> list[FunctionSpec]:
@@ -125,7 +139,7 @@ def _response_grammar(body: ChatCompletionRequest) -> str | None:
     try:
         if declared.strict:  # schema_grammar itself refuses what no schema may hold
             check_schema(declared.schema_, strict=True)
-        return schema_grammar(declared.schema_)
+        return _bounded(schema_grammar(declared.schema_), "response_format.json_schema.schema")
     except UnsupportedSchema as exc:
         raise InvalidRequest(
             f"Invalid schema for response_format '{declared.name}': {exc}", param="response_format.json_schema.schema"

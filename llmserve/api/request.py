@@ -7,6 +7,7 @@ not). Endpoint modules only say how their responses are shaped.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ from llmserve.api import sse
 from llmserve.api.disconnect import ClientWatch
 from llmserve.api.runner import Choice, GenerationRun, Update
 from llmserve.api.schemas import GenerationRequest
+from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import Fault, GenerationSpec, SamplingParams
 from llmserve.errors import (
+    APIError,
     ContextLengthExceeded,
     InvalidRequest,
     PayloadTooLarge,
@@ -32,6 +35,8 @@ from llmserve.errors import (
 from llmserve.quotas import current_quotas
 from llmserve.service import ModelService
 from llmserve.tenancy import current_tenant
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -162,8 +167,21 @@ def build_choices(
         for offset in range(body.n):
             seed = None if sampling.seed is None else sampling.seed + offset
             spec = GenerationSpec(prompt, budget, replace(sampling, seed=seed), top_logprobs, grammar, fault)
-            choices.append(Choice(len(choices), spec, body.stop_sequences, prompt_index))
+            compiled = compile_grammar(service, grammar) if grammar is not None else None
+            choices.append(Choice(len(choices), spec, body.stop_sequences, prompt_index, compiled))
     return choices
+
+
+def compile_grammar(service: ModelService, grammar: str) -> Grammar:
+    """The choice's own grammar, compiled by llama.cpp on a native thread: neither the hub nor the engine
+    thread (which every stream waits on) spends the time. llama.cpp refusing a grammar this server wrote
+    is the server's error."""
+    vocab = service.vocab
+    try:
+        return service.off_hub(Grammar, vocab, grammar)
+    except GrammarError:
+        log.error("llama.cpp refused a generated grammar of %d bytes", len(grammar))
+        raise APIError("The server could not compile the grammar for this request; see its log.") from None
 
 
 class Renderer(Protocol):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from llmserve.api.text import Delta, TextAssembler
 from llmserve.engine.engine import Engine
+from llmserve.engine.grammar import Grammar
 from llmserve.engine.jobs import (
     Admitted,
     Finished,
@@ -45,6 +46,7 @@ class Choice:
     spec: GenerationSpec
     stop: tuple[str, ...]
     prompt_index: int = 0  # choices of the same prompt (``n`` > 1) share it, and count it once
+    grammar: Grammar | None = None  # the spec's grammar, compiled for this choice alone
 
 
 @dataclass
@@ -139,7 +141,9 @@ class GenerationRun:
         self._stream = EventStream()
         self._heartbeat = heartbeat
         self._admission_timeout = admission_timeout
-        self._jobs = [Job(choice.spec, self._stream.sink(i), tenant) for i, choice in enumerate(choices)]
+        self._jobs = [
+            Job(choice.spec, self._stream.sink(i), tenant, choice.grammar) for i, choice in enumerate(choices)
+        ]
         self._choices = choices
         self._texts = [TextAssembler(engine.vocab.piece, choice.stop) for choice in choices]
         self._open = set(range(len(choices)))

@@ -23,7 +23,7 @@ from gevent import monkey
 
 from llmserve.engine.distribution import Scratch
 from llmserve.engine.embedder import Embedder
-from llmserve.engine.grammar import Grammar, GrammarError
+from llmserve.engine.grammar import GrammarError
 from llmserve.engine.jobs import (
     Admitted,
     Embeddings,
@@ -403,13 +403,7 @@ class Engine:
             reuse = context.forget(slot.index, min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
-            try:
-                slot.sampler = self._sampler(spec)
-            except GrammarError:
-                log.error("engine %s: llama.cpp refused the grammar of job %d", self.settings.id, job.id)
-                self._retire(slot, FinishReason.ERROR)
-                free.append(slot)
-                continue
+            slot.sampler = self._sampler(job)
             self._stats.cached_prompt_tokens += reuse
             # Charged now rather than as it is decoded, so that slots freed together are not all given to
             # one tenant before its prompt shows in its counter. Reused tokens cost nothing to compute.
@@ -420,12 +414,13 @@ class Engine:
                 slot.donor, slot.shared = donor, shared
                 self._resolve_donors(context)
 
-    def _sampler(self, spec: GenerationSpec) -> Sampler | None:
-        """The sequence's sampler; None for greedy decoding without a grammar (a numpy argmax in ``_sample``)."""
-        assert self.vocab is not None
-        if spec.grammar is None:
-            return None if spec.sampling.greedy else Sampler(spec.sampling, self._scratch_for(self.vocab))
-        return Sampler(spec.sampling, self._scratch_for(self.vocab), Grammar(self.vocab, spec.grammar))
+    def _sampler(self, job: Job) -> Sampler | None:
+        """The sequence's sampler, with the grammar the request side compiled; None for greedy decoding
+        without a grammar (a numpy argmax in ``_sample``)."""
+        assert self.vocab is not None and isinstance(job.spec, GenerationSpec)
+        if job.grammar is None and job.spec.sampling.greedy:
+            return None
+        return Sampler(job.spec.sampling, self._scratch_for(self.vocab), job.grammar)
 
     def _scratch_for(self, vocab: Vocabulary) -> Scratch:
         """The vocabulary-sized buffers every sampler of this thread shares (they run one at a time)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 
 import llama_cpp as lc
 import numpy as np
@@ -65,12 +66,16 @@ class Candidates:
 
 
 class Grammar:
-    """A GBNF grammar (rule ``root``) matched against one sequence's output; ``close`` it (engine thread)."""
+    """A GBNF grammar (rule ``root``) matched against one sequence's output. Compiled on any thread, then
+    used by one thread at a time; ``close`` it when its sequence ends."""
 
     def __init__(self, vocab: Vocabulary, text: str) -> None:
-        self.pointer = lc.llama_sampler_init_grammar(vocab.pointer, text.encode(), b"root")
-        if not self.pointer:
+        pointer = lc.llama_sampler_init_grammar(vocab.pointer, text.encode(), b"root")
+        if not pointer:
             raise GrammarError("llama.cpp refused the grammar")
+        self.pointer = pointer
+        # Freed by ``close``, or once dropped unused: a job refused or cancelled before it ran.
+        self._free = weakref.finalize(self, lc.llama_sampler_free, pointer)
         self._one = (lc.llama_token_data * 1)()
         self._single = lc.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
         self._candidates: Candidates | None = None  # allocated on the first rejected token
@@ -107,6 +112,5 @@ class Grammar:
         lc.llama_sampler_accept(self.pointer, token)
 
     def close(self) -> None:
-        if self.pointer:
-            lc.llama_sampler_free(self.pointer)
-            self.pointer = None
+        self._free()  # at most once
+        self.pointer = None

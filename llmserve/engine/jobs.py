@@ -14,6 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
+from llmserve.engine.grammar import Grammar
+
 _job_ids = itertools.count(1)
 
 
@@ -166,6 +168,9 @@ class Job:
     spec: GenerationSpec | EmbeddingSpec
     sink: EventSink
     tenant: str = "default"
+    # The spec's grammar, compiled by the request side off the hub and the engine thread; the engine
+    # thread alone uses it once the job is submitted.
+    grammar: Grammar | None = None
     id: int = field(default_factory=lambda: next(_job_ids))
     stop_reason: FinishReason | None = None
     engine_seconds: float = 0.0

@@ -10,9 +10,10 @@ handles correctly. The converter then runs unchanged except for three overrides 
 characters, one rule per referenced definition, integers within ``minimum``/``maximum`` bounds).
 
 Without ``strict`` (where OpenAI promises no adherence at all) bounds the grammar cannot enforce, such
-as a non-integer number's ``minimum``, ``multipleOf`` or an unsupported ``format``, are dropped; with ``strict`` they are refused, so that a
-strict schema is either enforced exactly or not accepted. Structural keywords the grammar cannot express
-(``not``, ``if``, ``patternProperties``, ...) are refused either way.
+as a non-integer number's ``minimum``, ``multipleOf`` or an unsupported ``format``, are dropped; with
+``strict`` they are refused, so that a strict schema is either enforced exactly or not accepted.
+Structural keywords the grammar cannot express (``not``, ``if``, ``patternProperties``, ...) are refused
+either way.
 """
 
 from __future__ import annotations
