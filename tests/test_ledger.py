@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +35,7 @@ from llmserve.ledger.owner import JOBS_LOCK, OwnerLock
 from llmserve.ledger.prices import PriceSettings, PriceTable
 from llmserve.ledger.records import UsageRecord
 from llmserve.ledger.settings import LedgerSettings, default_url
-from llmserve.ledger.store import HOUR, Ledger, hour_of, metadata
+from llmserve.ledger.store import CONNECT_TIMEOUT, HOUR, Ledger, LedgerUnavailable, hour_of, metadata, open_ledger
 from llmserve.ledger.writer import LedgerWriter
 from tests.ledger_support import T0, ledger_url, make_record
 
@@ -525,3 +526,25 @@ def test_the_owner_rolls_up_recent_hours_and_backs_up_at_once(sqlite_ledger: Led
     finally:
         runner.stop()
     assert OwnerLock(tmp_path / JOBS_LOCK).try_acquire()  # released on stop
+
+
+def test_a_postgresql_that_never_answers_fails_within_the_connect_timeout() -> None:
+    """The port accepts (the kernel does) and nothing ever answers: opening the ledger fails, clearly,
+    after CONNECT_TIMEOUT instead of hanging the master's start or a worker's writer."""
+    black_hole = socket.create_server(("127.0.0.1", 0), backlog=16)
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{black_hole.getsockname()[1]}/test"
+    outcome: list[BaseException] = []
+    opener = threading.Thread(target=lambda: outcome.append(_refusal(url)), daemon=True)
+    opener.start()
+    opener.join(timeout=CONNECT_TIMEOUT * 6)
+    black_hole.close()
+    assert outcome, "opening the ledger hung"
+    assert isinstance(outcome[0], LedgerUnavailable)
+
+
+def _refusal(url: str) -> BaseException:
+    try:
+        open_ledger(url).close()
+    except BaseException as exc:
+        return exc
+    raise AssertionError("a server that never answers was opened")

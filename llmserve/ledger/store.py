@@ -276,6 +276,10 @@ def _by_day(hourly: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [days[key] for key in sorted(days)]
 
 
+CONNECT_TIMEOUT = 5  # seconds
+STATEMENT_TIMEOUT = 30  # seconds; the largest write is one batch of records, the longest read a report
+
+
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
@@ -284,8 +288,13 @@ def _create_engine(url: str) -> Engine:
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         return engine
-    # A PostgreSQL server may restart under a long-lived worker: test each connection before use.
-    return create_engine(url, pool_pre_ping=True)
+    # A PostgreSQL server may restart under a long-lived worker: test each connection before use. One
+    # that does not answer fails a connection after CONNECT_TIMEOUT and a statement after
+    # STATEMENT_TIMEOUT, so that the ledger's writer retries instead of hanging.
+    given = make_url(url).query.get("options")  # the URL's own (a search_path, say) come first
+    given_options = [given] if isinstance(given, str) else list(given or ())
+    options = " ".join([*given_options, f"-c statement_timeout={STATEMENT_TIMEOUT}s"])
+    return create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT, "options": options})
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
