@@ -89,9 +89,10 @@ class Tally:
                 self.accounted.add(request_id)
         time.sleep(retry_after)  # as the OpenAI SDKs do before retrying a 429 or 503
 
-
-def retry_after(response: httpx.Response) -> float:
-    return float(response.headers.get("Retry-After", 0)) if response.status_code in (429, 503) else 0.0
+    def answer(self, kind: str, request_id: str, response: httpx.Response, *, accounted: bool) -> None:
+        """Record a whole response: its status, error code and the Retry-After it asks for."""
+        wait = float(response.headers.get("Retry-After", 0)) if response.status_code in (429, 503) else 0.0
+        self.record(kind, request_id, response.status_code, error_code(response), accounted=accounted, retry_after=wait)
 
 
 def error_code(response: httpx.Response) -> str | None:
@@ -113,14 +114,7 @@ def stream(client: httpx.Client, tally: Tally, rng: random.Random, *, chat: bool
     with client.stream("POST", path, json=body, headers={"X-Request-ID": request_id}) as response:
         if response.status_code != 200:
             response.read()
-            tally.record(
-                "stream",
-                request_id,
-                response.status_code,
-                error_code(response),
-                accounted=False,
-                retry_after=retry_after(response),
-            )
+            tally.answer("stream", request_id, response, accounted=False)
             return
         events = 0
         error = None
@@ -144,14 +138,7 @@ def tool_call(client: httpx.Client, tally: Tally) -> None:
         "max_tokens": 64,
     }
     response = client.post("/v1/chat/completions", json=body, headers={"X-Request-ID": request_id})
-    tally.record(
-        "tools",
-        request_id,
-        response.status_code,
-        error_code(response),
-        accounted=response.is_success,
-        retry_after=retry_after(response),
-    )
+    tally.answer("tools", request_id, response, accounted=response.is_success)
 
 
 def embed(client: httpx.Client, tally: Tally, rng: random.Random) -> None:
@@ -160,14 +147,7 @@ def embed(client: httpx.Client, tally: Tally, rng: random.Random) -> None:
     response = client.post(
         "/v1/embeddings", json={"model": MODEL, "input": inputs}, headers={"X-Request-ID": request_id}
     )
-    tally.record(
-        "embed",
-        request_id,
-        response.status_code,
-        error_code(response),
-        accounted=response.is_success,
-        retry_after=retry_after(response),
-    )
+    tally.answer("embed", request_id, response, accounted=response.is_success)
 
 
 BAD_BODIES = [
@@ -186,7 +166,7 @@ def bad_request(client: httpx.Client, tally: Tally, rng: random.Random) -> None:
         content=rng.choice(BAD_BODIES),
         headers={"Content-Type": "application/json", "X-Request-ID": request_id},
     )
-    tally.record("bad", request_id, response.status_code, error_code(response), accounted=False)
+    tally.answer("bad", request_id, response, accounted=False)
 
 
 def client_loop(url: str, key: str, tally: Tally, deadline: float, seed: int) -> None:

@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-import gevent
 from flask import Response, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
@@ -33,7 +32,7 @@ from llmserve.errors import (
     from_validation_error,
 )
 from llmserve.quotas import current_quotas
-from llmserve.service import ModelService
+from llmserve.service import ModelService, current_service
 from llmserve.tenancy import current_tenant
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,7 @@ def off_hub_if_large(function: Callable[..., T], *args: Any) -> T:
     schemas into grammars, rendering its messages), so that the hub goes on serving other streams."""
     if not g.get("large_request"):
         return function(*args)
-    result: T = gevent.get_hub().threadpool.apply(function, args)
-    return result
+    return current_service().off_hub(function, *args)
 
 
 def sampling_params(body: GenerationRequest, vocab_size: int) -> SamplingParams:
