@@ -17,7 +17,7 @@ import pytest
 from scipy import stats
 
 from llmserve.engine import distribution
-from llmserve.engine.distribution import Cumulative, Scratch, draw
+from llmserve.engine.distribution import Cumulative, SamplingError, Scratch, draw
 from llmserve.engine.grammar import Candidates
 from llmserve.engine.jobs import SamplingParams
 from llmserve.engine.sampling import Penalties, Sampler
@@ -199,7 +199,7 @@ def test_tokens_at_minus_infinity_are_never_drawn() -> None:
     rng = random.Random(0)
     drawn = {draw(logits, SamplingParams(temperature=2.0), rng, SCRATCH) for _ in range(500)}
     assert drawn == {3, 9, 27}
-    with pytest.raises(ValueError, match="finite"):
+    with pytest.raises(SamplingError, match="finite"):
         draw(np.full(8, -np.inf, dtype=np.float32), SamplingParams(), rng, Scratch(8))
 
 
@@ -244,6 +244,22 @@ def test_penalties_change_the_logits_as_llama_cpp_does(params: SamplingParams) -
     row = logits.copy()
     penalties.apply(row)
     np.testing.assert_allclose(row, penalised_reference(logits, params, history), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("repeat_penalty", [5e-324, 1e-30, 10.0])
+def test_extreme_penalties_leave_a_row_that_can_be_drawn_from(repeat_penalty: float) -> None:
+    """A positive logit divided by a tiny penalty overflows float32: it must become the largest finite
+    logit (the limit llama.cpp's arithmetic tends to), never inf, which no distribution can weigh."""
+    params = SamplingParams(repeat_penalty=repeat_penalty, frequency_penalty=2.0, presence_penalty=-2.0)
+    penalties = Penalties(params)
+    for token in (3, 4):
+        penalties.accept(token)
+    row = np.zeros(64, dtype=np.float32)
+    row[3], row[4] = 2.5, -2.5
+    penalties.apply(row)
+    assert np.isfinite(row).all()
+    tokens = {draw(row, SamplingParams(temperature=1.0), random.Random(seed), Scratch(64)) for seed in range(50)}
+    assert tokens == {3} if repeat_penalty < 1 else len(tokens) > 1
 
 
 def test_logit_bias_shifts_the_distribution_as_llama_cpp_does() -> None:

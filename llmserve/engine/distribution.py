@@ -47,6 +47,10 @@ NUCLEUS_BINS = 2048  # bins by weight that locate a top-p cut without sorting th
 TOP_K_SPANS = (2.0, 6.0, HEAD_SPAN)  # bands below the best token searched in turn for the top k
 
 
+class SamplingError(ValueError):
+    """A row that cannot be drawn from (no token has a finite logit): it ends its own sequence only."""
+
+
 class Scratch:
     """Vocabulary-sized buffers reused from token to token: a fresh megabyte-sized temporary per token
     costs more in page faults than the arithmetic done in it."""
@@ -59,10 +63,10 @@ class Scratch:
 
 def draw(logits: np.ndarray, params: SamplingParams, rng: random.Random, scratch: Scratch) -> int:
     """One token drawn from ``logits`` (one row, not modified) under ``params``, which must sample
-    (temperature > 0). ValueError when no token has a finite logit."""
+    (temperature > 0). SamplingError when no token has a finite logit."""
     best = float(logits.max())
     if not math.isfinite(best):
-        raise ValueError("no token has a finite logit")
+        raise SamplingError("no token has a finite logit")
     temperature = params.temperature
     # Top-p weighs tokens at temperature 1, the draw at ``temperature``: the head must hold both.
     span = HEAD_SPAN * (max(temperature, 1.0) if params.top_p < 1.0 else temperature)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from gevent import monkey
 
-from llmserve.engine.distribution import Scratch
+from llmserve.engine.distribution import SamplingError, Scratch
 from llmserve.engine.embedder import Embedder
 from llmserve.engine.grammar import GrammarError
 from llmserve.engine.jobs import (
@@ -588,7 +588,7 @@ class Engine:
         else:
             try:
                 token = slot.sampler.sample(logits)
-            except GrammarError as exc:
+            except (GrammarError, SamplingError) as exc:  # this sequence's own row: it alone ends
                 log.error("engine %s: job %d stopped: %s", self.settings.id, slot.job.id, exc)
                 self._retire(slot, FinishReason.ERROR)
                 return

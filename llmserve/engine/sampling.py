@@ -22,6 +22,8 @@ from llmserve.engine.distribution import Scratch, draw, most_likely, total_weigh
 from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import SamplingParams, TokenLogprob
 
+FLOAT32_MAX = np.finfo(np.float32).max
+
 
 class Penalties:
     """llama.cpp's repetition, frequency and presence penalties over the last ``window`` generated tokens,
@@ -56,8 +58,10 @@ class Penalties:
         tokens = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
         counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
         values = row[tokens]
-        values = np.where(values <= 0, values * self._repeat, values / self._repeat)
-        row[tokens] = values - counts * np.float32(self._frequency) - np.float32(self._presence)
+        with np.errstate(over="ignore", divide="ignore"):  # a tiny repeat penalty: the limit, not inf
+            values = np.where(values <= 0, values * self._repeat, values / self._repeat)
+            values = values - counts * np.float32(self._frequency) - np.float32(self._presence)
+        row[tokens] = np.clip(values, -FLOAT32_MAX, FLOAT32_MAX)
 
 
 class Sampler:
