@@ -15,7 +15,7 @@ from llmserve.tenancy import Tenancy
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the app. The model is not loaded here: ``ModelService.start`` does that in the worker."""
     settings = settings or load_settings()
-    app = Flask("llmserve")
+    app = Flask("llmserve", static_folder=None)  # no static files: every route is an API route
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]

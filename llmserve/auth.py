@@ -17,6 +17,9 @@ from llmserve.requestlog import PROBE_PATHS
 from llmserve.tenancy import current_tenancy
 
 METRICS_PATH = "/metrics"
+OPENAPI_PATH = "/openapi.json"
+# Answered without a tenant key: the probes, the scrape (checked on its own below) and the API's description.
+PUBLIC_PATHS = PROBE_PATHS | {OPENAPI_PATH}
 
 
 def presented_key() -> str | None:
@@ -41,7 +44,7 @@ def authenticate() -> None:
         raise PermissionDenied(
             "The metrics show every tenant's traffic: they need the admin key, or a client address in metrics_networks."
         )
-    if request.path in PROBE_PATHS:  # probes, and a scrape allowed above, need no tenant key
+    if request.path in PUBLIC_PATHS:
         return
     tenancy = current_tenancy()
     if tenancy.keyless is not None:

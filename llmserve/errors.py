@@ -16,6 +16,7 @@ from flask import Flask, Response, g, jsonify
 from gunicorn.util import write_nonblock
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ def init_app(app: Flask) -> None:
         api_error = cls(error.description or error.name)
         response = respond_with(api_error)
         response.status_code = status
+        if isinstance(error, WerkzeugMethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
         return response
 
     @app.errorhandler(Exception)

@@ -65,6 +65,16 @@ BAD_COMPLETIONS = [
 ]
 
 
+def test_a_rule_between_parameters_is_named_not_called_a_bad_body(client: FlaskClient) -> None:
+    body = {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}
+    error = assert_openai_error(client.post("/v1/completions", json=body), 400)
+    assert error["message"] == "stream_options is only allowed when stream is true"
+    for not_an_object in ("[1]", '"hi"', "null"):
+        response = client.post("/v1/completions", data=not_an_object, content_type="application/json")
+        error = assert_openai_error(response, 400)
+        assert error["message"] == "The request body must be a JSON object."
+
+
 @pytest.mark.parametrize(("body", "param", "code"), BAD_COMPLETIONS)
 def test_bad_completion_requests(client: FlaskClient, body: dict, param: str | None, code: str | None) -> None:
     error = assert_openai_error(client.post("/v1/completions", json=body), 400, param=param, code=code)

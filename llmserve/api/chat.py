@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Response
 
 from llmserve.api.chat_tools import CallStyle, ReplyFormat, chat_messages, reply_format
+from llmserve.api.openapi import EVENT_STREAM, GENERATION_ERRORS, JSON, Operation, documented
 from llmserve.api.request import build_choices, new_id, off_hub_if_large, parse_body, respond
 from llmserve.api.runner import Update
 from llmserve.api.schemas import ChatCompletionRequest
@@ -148,6 +149,14 @@ def _choice(index: int, message: dict[str, Any], logprobs: Any, finish_reason: s
 
 
 @blueprint.post("/v1/chat/completions")
+@documented(
+    Operation(
+        "Create a chat completion",
+        body=ChatCompletionRequest,
+        errors=GENERATION_ERRORS,
+        media=(JSON, EVENT_STREAM),
+    )
+)
 def create_chat_completion() -> Response:
     body = parse_body(ChatCompletionRequest)
     service = current_service()

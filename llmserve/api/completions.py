@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response
 
+from llmserve.api.openapi import EVENT_STREAM, GENERATION_ERRORS, JSON, Operation, documented
 from llmserve.api.request import build_choices, new_id, parse_body, respond
 from llmserve.api.runner import Update
 from llmserve.api.schemas import CompletionRequest
@@ -90,6 +91,9 @@ def _tokenized_prompts(service: ModelService, prompts: list[str | list[int]]) ->
 
 
 @blueprint.post("/v1/completions")
+@documented(
+    Operation("Create a completion", body=CompletionRequest, errors=GENERATION_ERRORS, media=(JSON, EVENT_STREAM))
+)
 def create_completion() -> Response:
     body = parse_body(CompletionRequest)
     service = current_service()

@@ -8,6 +8,7 @@ import time
 import numpy as np
 from flask import Blueprint, Response, g, jsonify
 
+from llmserve.api.openapi import GENERATION_ERRORS, Operation, documented
 from llmserve.api.request import parse_body
 from llmserve.api.runner import EngineTime, rejection_error
 from llmserve.api.schemas import EmbeddingRequest
@@ -29,6 +30,7 @@ def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
 
 
 @blueprint.post("/v1/embeddings")
+@documented(Operation("Create embeddings", body=EmbeddingRequest, errors=GENERATION_ERRORS))
 def create_embeddings() -> Response:
     body = parse_body(EmbeddingRequest)
     service = current_service()

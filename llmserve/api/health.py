@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from llmserve.api.openapi import Operation, documented
 from llmserve.auth import may_observe
 from llmserve.engine.engine import EngineState
 from llmserve.service import current_service
@@ -22,6 +23,7 @@ blueprint = Blueprint("health", __name__)
 
 
 @blueprint.get("/healthz")
+@documented(Operation("Liveness: 503 when the engine thread died or stalled", answers=(503,), public=True))
 def healthz() -> Response:
     service = current_service()
     engine = service.engine
@@ -40,6 +42,7 @@ def healthz() -> Response:
 
 
 @blueprint.get("/readyz")
+@documented(Operation("Readiness: 503 until the model is warm and while draining", answers=(503,), public=True))
 def readyz() -> Response:
     service = current_service()
     engine = service.engine

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from llmserve.api.openapi import Operation, documented
 from llmserve.service import ModelService, current_service
 
 blueprint = Blueprint("models", __name__)
@@ -19,6 +20,7 @@ def _model_card(service: ModelService) -> dict[str, Any]:
 
 
 @blueprint.get("/v1/models")
+@documented(Operation("List the models this key may use"))
 def list_models() -> Response:
     service = current_service()
     visible = [_model_card(service)] if service.visible_to_caller(service.model_id) else []
@@ -26,6 +28,7 @@ def list_models() -> Response:
 
 
 @blueprint.get("/v1/models/<path:model_id>")
+@documented(Operation("Describe one model", errors=(404,)))
 def retrieve_model(model_id: str) -> Response:
     service = current_service()
     service.require_model(model_id)

@@ -61,7 +61,7 @@ def parse_body(model: type[M]) -> M:
         first = exc.errors()[0]
         if first["type"] == "json_invalid":
             raise InvalidRequest("We could not parse the JSON body of your request.") from None
-        if not first["loc"]:
+        if first["type"] == "model_type":
             raise InvalidRequest("The request body must be a JSON object.") from None
         raise from_validation_error(exc) from None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, WithJsonSchema, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 # Each is matched against the text of every token on the hub; OpenAI documents no length.
@@ -37,6 +37,33 @@ def _check_token_list(value: list[Any], what: str) -> list[int]:
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise ValueError(f"{what} must hold only integer token ids")
     return value
+
+
+def _inputs_schema(text: dict[str, Any]) -> WithJsonSchema:
+    """The JSON Schema of a prompt or embedding input, which validators below parse by hand."""
+    tokens = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                text,
+                {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_INPUTS},
+                tokens,
+                {"type": "array", "items": tokens, "minItems": 1, "maxItems": MAX_INPUTS},
+            ]
+        }
+    )
+
+
+TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+    "additionalProperties": False,
+}
+MessageContent = Annotated[
+    str | None,
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]}),
+]
 
 
 def _prompt_list(value: Any) -> list[str | list[int]]:
@@ -116,7 +143,7 @@ class GenerationRequest(StrictModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Any
+    prompt: Annotated[Any, _inputs_schema({"type": "string"})]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: None = Field(None, description="Fill-in-the-middle is not supported.")
@@ -180,7 +207,7 @@ class ToolCall(StrictModel):
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | None = None
+    content: MessageContent = None
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -263,7 +290,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 class EmbeddingRequest(StrictModel):
     model: str = Field(min_length=1)
-    input: Any
+    input: Annotated[Any, _inputs_schema({"type": "string", "minLength": 1})]
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = Field(None, max_length=256)
 

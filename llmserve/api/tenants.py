@@ -9,6 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
+from llmserve.api.openapi import Operation, documented
 from llmserve.quotas import current_quotas
 from llmserve.service import current_service
 from llmserve.tenancy import Tenant, current_tenancy, current_tenant, require_admin
@@ -29,11 +30,13 @@ def _view(tenant: Tenant) -> dict[str, Any]:
 
 
 @blueprint.get("/v1/tenants/me")
+@documented(Operation("This key's tenant: its limits, load and quota left"))
 def my_tenant() -> Response:
     return jsonify(_view(current_tenant()))
 
 
 @blueprint.get("/v1/tenants")
+@documented(Operation("Every tenant (admin key)", errors=(403,)))
 def list_tenants() -> Response:
     require_admin()
     return jsonify({"object": "list", "data": [_view(tenant) for tenant in current_tenancy().tenants.values()]})

@@ -12,12 +12,15 @@ UTC).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import gevent
 from flask import Blueprint, Response, jsonify, request
+from pydantic import Field, ValidationError
 
-from llmserve.errors import InvalidRequest, NotFound, PermissionDenied
+from llmserve.api.openapi import Operation, documented
+from llmserve.api.schemas import StrictModel
+from llmserve.errors import InvalidRequest, NotFound, PermissionDenied, from_validation_error
 from llmserve.ledger.report import format_moment, parse_moment
 from llmserve.ledger.store import SUMS
 from llmserve.service import current_service
@@ -25,16 +28,19 @@ from llmserve.tenancy import current_principal
 
 blueprint = Blueprint("usage", __name__)
 
-PARAMETERS = ("start", "end", "model", "tenant", "group_by")
-GROUPINGS = ("day", "hour")
+
+class UsageQuery(StrictModel):
+    """The query parameters (of one given twice, the first)."""
+
+    start: str | None = Field(None, description="ISO 8601 time or unix seconds: records that started at or after it.")
+    end: str | None = Field(None, description="ISO 8601 time or unix seconds: records that started before it.")
+    model: str | None = None
+    tenant: str | None = Field(None, description="One tenant's usage (admin key only).")
+    group_by: Literal["day", "hour"] = Field("day", description="Period of each row, in UTC.")
 
 
-def _argument(name: str) -> str | None:
-    return request.args.get(name) or None
-
-
-def _moment(name: str) -> datetime | None:
-    raw = _argument(name)
+def _moment(query: UsageQuery, name: str) -> datetime | None:
+    raw = getattr(query, name)
     if raw is None:
         return None
     try:
@@ -63,21 +69,21 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 @blueprint.get("/v1/usage")
+@documented(Operation("Usage and cost from the ledger", query=UsageQuery, errors=(400, 403, 404)))
 def usage() -> Response:
-    unknown = sorted(set(request.args) - set(PARAMETERS))
-    if unknown:
-        raise InvalidRequest(f"Unrecognized query parameter: {unknown[0]}", param=unknown[0])
-    since, until = _moment("start"), _moment("end")
+    try:
+        query = UsageQuery.model_validate(dict(request.args.items()))
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+    since, until = _moment(query, "start"), _moment(query, "end")
     if since is not None and until is not None and since >= until:
         raise InvalidRequest("start must be before end.", param="start")
-    group_by = _argument("group_by") or "day"
-    if group_by not in GROUPINGS:
-        raise InvalidRequest(f"Invalid value for 'group_by': expected day or hour, got {group_by!r}.", param="group_by")
-    tenant = _visible_tenant(_argument("tenant"))
+    tenant = _visible_tenant(query.tenant)
     ledger = current_service().accounting.ledger
     if ledger is None:
         raise NotFound("This server keeps no usage ledger (ledger.enabled is off).")
-    query = {"tenant": tenant, "model": _argument("model"), "since": since, "until": until, "group_by": group_by}
-    # SQLite and PostgreSQL calls block in C: run them on a native thread, never on the hub.
-    rows = gevent.get_hub().threadpool.apply(ledger.query, kwds=query)
+    rows = gevent.get_hub().threadpool.apply(
+        ledger.query,
+        kwds={"tenant": tenant, "model": query.model, "since": since, "until": until, "group_by": query.group_by},
+    )  # SQLite and PostgreSQL calls block in C: on a native thread, never on the hub
     return jsonify({"object": "list", "data": [_view(row) for row in rows]})
