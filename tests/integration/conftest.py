@@ -70,6 +70,22 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+def cli_env(directory: Path, ledger_url: str | None = None) -> dict[str, str]:
+    """The environment of an ``llmserve`` command run by an operator of the server in ``directory``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
+    env.update({"LLMSERVE_STATE_DIR": str(directory / "state"), "LLMSERVE_CONFIG": str(directory / "llmserve.toml")})
+    if ledger_url is not None:
+        env["LLMSERVE_LEDGER__URL"] = ledger_url
+    return env
+
+
+def create_key(directory: Path, tenant: str) -> str:
+    """A key made with the CLI, as an operator would."""
+    command = [LLMSERVE, "keys", "create", "--config", str(directory / "llmserve.toml"), "--tenant", tenant]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, env=cli_env(directory))
+    return result.stdout.strip()
+
+
 def start_server(directory: Path, config: str | None = None, **settings: str) -> Server:
     """A server whose state lives in ``directory``; ``config`` is TOML for its settings file."""
     port = free_port()

@@ -3,7 +3,6 @@ shared by two workers through a real Redis."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -21,6 +20,8 @@ from tests.integration.conftest import (
     MODEL,
     NO_EOS,
     Server,
+    cli_env,
+    create_key,
     long_stream_body,
     start_server,
     stop_server,
@@ -41,18 +42,6 @@ max_queued = 1
 tokens_per_minute = 1000
 """
 REDIS_URL = "redis://127.0.0.1:6379/15"
-
-
-def create_key(directory: Path, tenant: str) -> str:
-    """A key made with the CLI, as an operator would."""
-    command = [LLMSERVE, "keys", "create", "--config", str(directory / "llmserve.toml"), "--tenant", tenant]
-    result = subprocess.run(command, capture_output=True, text=True, check=True, env=_cli_env(directory))
-    return result.stdout.strip()
-
-
-def _cli_env(directory: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
-    return {**env, "LLMSERVE_STATE_DIR": str(directory / "state")}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +69,7 @@ def test_wrong_and_revoked_keys_get_401(tenant_server: Server, tenant_dir: Path)
     assert [model.id for model in client.models.list()] == [MODEL]
     key_id = key.removeprefix("sk-llmserve-").split("-")[0]
     revoke = [LLMSERVE, "keys", "revoke", "--config", str(tenant_dir / "llmserve.toml"), key_id]
-    subprocess.run(revoke, check=True, capture_output=True, env=_cli_env(tenant_dir))
+    subprocess.run(revoke, check=True, capture_output=True, env=cli_env(tenant_dir))
     with pytest.raises(openai.AuthenticationError):
         client.models.list()  # the running workers see the revocation at once
 

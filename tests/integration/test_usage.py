@@ -6,7 +6,6 @@ the ledger cannot be opened."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -32,6 +31,7 @@ from tests.integration.conftest import (
     MODEL,
     NO_EOS,
     Server,
+    cli_env,
     free_port,
     long_stream_body,
     start_server,
@@ -110,14 +110,6 @@ class Deployment:
 
 def new_id(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:12]}"
-
-
-def cli_env(directory: Path, ledger_url: str | None = None) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
-    env.update({"LLMSERVE_STATE_DIR": str(directory / "state"), "LLMSERVE_CONFIG": str(directory / "llmserve.toml")})
-    if ledger_url is not None:
-        env["LLMSERVE_LEDGER__URL"] = ledger_url
-    return env
 
 
 @contextmanager
