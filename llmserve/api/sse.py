@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Response, stream_with_context
+from flask import Response, request, stream_with_context
 
 from llmserve.errors import APIError
 
@@ -35,6 +35,11 @@ def stream_response(chunks: Iterator[dict[str, Any] | None], on_close: Callable[
             for chunk in chunks:
                 yield HEARTBEAT if chunk is None else event(chunk)
             yield DONE
+        except GeneratorExit:
+            # The client left and the server closed the body. The request context sees GeneratorExit on
+            # its way out, which prometheus-flask-exporter would count as the request's exception.
+            request.prom_do_not_track = True  # type: ignore[attr-defined]
+            raise
         except APIError as exc:
             yield event(exc.body())
         except Exception:

@@ -61,6 +61,10 @@ def test_a_client_that_disconnects_frees_its_slot(server: Server) -> None:
             next(events)
         assert server.engine_stats()["slots_busy"] == 1
     assert wait_for(lambda: server.engine_stats()["slots_busy"] == 0, timeout=5)
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 'llmserve_cancellations_total{model="gemma-3-270m",reason="client_disconnected"}' in metrics
+    # A client leaving is a cancellation, not an exception the request failed with.
+    assert "llmserve_http_request_exceptions_total{" not in metrics
 
 
 def test_a_non_streaming_client_that_leaves_frees_its_slot(server: Server) -> None:
