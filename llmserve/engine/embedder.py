@@ -1,8 +1,12 @@
-"""Embeddings from a second llama.cpp context with mean pooling, run on the engine thread.
+"""Embeddings from a second llama.cpp context, mean-pooled here, one bounded decode per engine turn.
 
-A separate context keeps pooled embedding runs from disturbing the generation context's KV cache; the
-engine interleaves one embedding decode between generation steps, so long embedding jobs delay running
-streams by at most one decode.
+A separate context keeps embedding runs from disturbing the generation context's KV cache. Each decode
+holds at most ``BATCH_TOKENS`` tokens: several short inputs, or the next piece of a long one, whose later
+pieces attend to the earlier ones through the KV cache as a prompt's prefill chunks do. The mean of an
+input's token embeddings is summed up piece by piece. Bounding the decode bounds two things: how long
+one embedding turn delays the running streams, and llama.cpp's output buffer, which holds a full row of
+logits for every token an embedding decode outputs (262k floats, 1 MiB, for Gemma 3), so that a decode of
+2048 tokens grew each worker by 2 GiB.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 from llmserve.engine.llama_model import LlamaContext, LlamaModel
 from llmserve.settings import ModelSettings
 
+BATCH_TOKENS = 64
 MAX_SEQUENCES_PER_DECODE = 16
 
 
@@ -19,38 +24,71 @@ class Embedder:
     def __init__(self, model: LlamaModel, settings: ModelSettings) -> None:
         self._context = LlamaContext(
             model,
-            n_ctx=settings.embedding_context,
-            n_batch=settings.embedding_context,
+            # The input begun by the last decode, plus the rest of this decode's batch.
+            n_ctx=settings.embedding_context + BATCH_TOKENS,
+            n_batch=BATCH_TOKENS,
             n_seq_max=MAX_SEQUENCES_PER_DECODE,
             threads=settings.threads,
             embeddings=True,
             unified_kv=True,
         )
+        self._job: int | None = None
+        self._vectors: list[np.ndarray] = []  # of the inputs done, in order
+        self._decoded = 0  # tokens of the next input already decoded (and in the KV cache)
+        self._sum = np.zeros(self._context.n_embd, dtype=np.float64)  # their embeddings, summed
 
-    def fitting(self, inputs: tuple[tuple[int, ...], ...]) -> int:
-        """How many of ``inputs``, from the first, fit into one decode (always at least one)."""
-        total = 0
-        for count, tokens in enumerate(inputs[:MAX_SEQUENCES_PER_DECODE]):
-            total += len(tokens)
-            if total > self._context.capacity:
-                return max(1, count)
-        return min(len(inputs), MAX_SEQUENCES_PER_DECODE)
-
-    def embed(self, inputs: tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
-        """Mean-pooled, L2-normalised vectors for inputs that fit into one decode."""
+    def step(self, job: int, inputs: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, ...] | None:
+        """One decode for job ``job``: its mean-pooled, L2-normalised vectors once all ``inputs`` are done,
+        else None. A job the embedder was not working on starts afresh (the previous one ended)."""
+        if job != self._job:
+            self._begin(job)
         context = self._context
         context.clear_batch()
-        for sequence, tokens in enumerate(inputs):
-            for position, token in enumerate(tokens):
-                context.add(token, position, sequence, True)
+        pieces: list[tuple[int, int]] = []  # (input, tokens of it in this decode)
+        budget, decoded = BATCH_TOKENS, self._decoded
+        for index in range(len(self._vectors), len(inputs)):
+            if not budget or len(pieces) == MAX_SEQUENCES_PER_DECODE:
+                break
+            tokens = inputs[index]
+            end = min(len(tokens), decoded + budget)
+            for position in range(decoded, end):
+                context.add(tokens[position], position, index % MAX_SEQUENCES_PER_DECODE, True)
+            pieces.append((index, end - decoded))
+            budget -= end - decoded
+            decoded = 0
         context.decode()
-        vectors = []
-        for sequence in range(len(inputs)):
-            vector = context.sequence_embedding(sequence)
-            norm = float(np.linalg.norm(vector))
-            vectors.append(vector / norm if norm > 0 else vector)
-        context.clear()
+        rows = context.token_embeddings()
+        first = 0
+        for index, count in pieces:
+            self._sum += rows[first : first + count].sum(axis=0, dtype=np.float64)
+            first += count
+            self._decoded += count
+            if self._decoded == len(inputs[index]):
+                self._vectors.append(_normalised(self._sum / self._decoded))
+                self._sum[:] = 0.0
+                self._decoded = 0
+                context.forget(index % MAX_SEQUENCES_PER_DECODE)
+        if len(self._vectors) < len(inputs):
+            return None
+        vectors, self._job = tuple(self._vectors), None
         return vectors
+
+    def embed(self, inputs: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, ...]:
+        """All of ``inputs`` at once (the warm-up)."""
+        self._job = None
+        while (vectors := self.step(-1, inputs)) is None:
+            pass
+        return vectors
+
+    def _begin(self, job: int) -> None:
+        self._context.clear()
+        self._job, self._vectors, self._decoded = job, [], 0
+        self._sum[:] = 0.0
 
     def close(self) -> None:
         self._context.close()
+
+
+def _normalised(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return (vector / norm if norm > 0 else vector).astype(np.float32)

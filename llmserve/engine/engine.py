@@ -155,7 +155,6 @@ class Engine:
         self._slots = [Slot(i) for i in range(model_settings.parallel)]
         self._stats = StatsRecorder(model_settings.parallel)
         self._embedding: Job | None = None  # the embedding job in the lane
-        self._embedded: list[np.ndarray] = []  # its vectors so far
         self._stopping = False
         self._drain_deadline: float | None = None
         # What a step tells its jobs, held until all its rows are sampled: a greenlet woken by the first
@@ -626,23 +625,21 @@ class Engine:
             return
         assert isinstance(job.spec, EmbeddingSpec)
         self._embed_scheduler.charge(job, prompt_tokens=sum(len(tokens) for tokens in job.spec.inputs))
-        self._embedding, self._embedded = job, []
+        self._embedding = job
         job.sink.push(Admitted(cached_tokens=0))
 
     def _embed_next(self, embedder: Embedder) -> None:
-        """One embedding decode for the job in the lane; a job of many inputs takes several turns."""
+        """One bounded embedding decode for the job in the lane; most jobs take several turns."""
         job = self._embedding
         assert job is not None and isinstance(job.spec, EmbeddingSpec)
-        remaining = job.spec.inputs[len(self._embedded) :]
         started = time.perf_counter()
-        vectors = embedder.embed(remaining[: embedder.fitting(remaining)])
+        vectors = embedder.step(job.id, job.spec.inputs)
         seconds = time.perf_counter() - started
         job.engine_seconds += seconds
         self._stats.record_embedding(seconds)
-        self._embedded.extend(vectors)
-        self._stats.embedded_inputs += len(vectors)
-        if len(self._embedded) == len(job.spec.inputs):
-            job.sink.push(Embeddings(tuple(self._embedded)))
+        if vectors is not None:
+            self._stats.embedded_inputs += len(vectors)
+            job.sink.push(Embeddings(vectors))
             self._end_embedding(FinishReason.STOP)
 
     def _end_embedding(self, reason: FinishReason) -> None:
@@ -654,7 +651,7 @@ class Engine:
         self._embed_scheduler.release(job)
         self._drain.record_finished()
         self._drain_of(job.tenant).record_finished()
-        self._embedding, self._embedded = None, []
+        self._embedding = None
 
     def _fail_everything(self) -> None:
         """Leave no waiting client behind when the thread ends, however it ends."""

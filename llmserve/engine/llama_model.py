@@ -135,9 +135,9 @@ class LlamaContext:
         # position (prefix reuse) and copied (prefix sharing); a window-sized one evicts old cells.
         params.swa_full = True
         params.no_perf = True
-        if embeddings:
+        if embeddings:  # one embedding per token, pooled by the caller
             params.embeddings = True
-            params.pooling_type = lc.LLAMA_POOLING_TYPE_MEAN
+            params.pooling_type = lc.LLAMA_POOLING_TYPE_NONE
         self.pointer = lc.llama_init_from_model(model.pointer, params)
         if not self.pointer:
             raise LlamaError(f"llama.cpp could not create a context of {n_ctx} tokens")
@@ -185,11 +185,13 @@ class LlamaContext:
         pointer = lc.llama_get_logits(self.pointer)
         return np.ctypeslib.as_array(pointer, shape=(self.outputs, self.n_vocab))
 
-    def sequence_embedding(self, sequence: int) -> np.ndarray:
-        pointer = lc.llama_get_embeddings_seq(self.pointer, sequence)
+    def token_embeddings(self) -> np.ndarray:
+        """The embedding of every output of the last decode of an embeddings context, one row each in batch
+        order (a view, valid until the next decode)."""
+        pointer = lc.llama_get_embeddings(self.pointer)
         if not pointer:
-            raise LlamaError(f"no pooled embedding for sequence {sequence}")
-        return np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).copy()
+            raise LlamaError("this context computes no embeddings")
+        return np.ctypeslib.as_array(pointer, shape=(self.outputs, self.n_embd))
 
     # -- KV memory -------------------------------------------------------------------------------
 
