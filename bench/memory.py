@@ -23,8 +23,13 @@ from servers import ManagedServer, ServerSpec
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """Resident set size summed over every process of a process group (gunicorn master + workers)."""
+def group_rss_bytes(pgid: int, field: str = "VmRSS") -> int:
+    """Resident set size summed over every process of a process group (gunicorn master + workers).
+
+    ``field`` picks the kind from /proc/PID/status: ``VmRSS`` (all of it), ``RssAnon`` (heap and other
+    private memory, where a leak shows) or ``RssFile`` (pages of mapped files, the GGUF among them: they
+    grow as traffic touches more of the model, are shared between workers and reclaimable).
+    """
     total = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -37,7 +42,7 @@ def group_rss_bytes(pgid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         for line in status.splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 total += int(line.split()[1]) * 1024
     return total
 

@@ -6,8 +6,10 @@ engine failure (``X-Fault-Drill: engine``, so the server runs with ``fault_drill
 master gets a SIGHUP. Afterwards the run reports every status seen, the 5xx responses that are not the
 documented ones (the drill's own 500 ``engine_error`` and what that worker was serving), whether every
 request the server answered 200 or that a client cancelled has its usage record in the ledger, and the
-resident size of all the server's processes after warm-up, every minute and at the end. Clients wait as
-long as a 429 or 503 says in ``Retry-After`` before their next request, as the OpenAI SDKs do::
+resident size of all the server's processes after warm-up, every minute and at the end: in all, and its
+anonymous part, where a leak would show (mapped model pages grow with the vocabulary traffic touches).
+Clients wait as long as a 429 or 503 says in ``Retry-After`` before their next request, as the OpenAI
+SDKs do::
 
     .venv/bin/python bench/soak.py --minutes 30 --out docs/benchmark-soak.json
 """
@@ -243,16 +245,17 @@ def main(argv: list[str] | None = None) -> int:
             thread.start()
         assert server.pgid is not None
         pgid = server.pgid
-        samples: list[tuple[float, int]] = []
+        samples: list[tuple[float, int, int]] = []
         sampling = threading.Event()
 
         def sample_rss() -> None:
             while not sampling.wait(60.0):
-                samples.append((round(time.monotonic() - started), group_rss_bytes(pgid)))
+                moment = round(time.monotonic() - started)
+                samples.append((moment, group_rss_bytes(pgid), group_rss_bytes(pgid, "RssAnon")))
 
         threading.Thread(target=sample_rss, daemon=True).start()
         time.sleep(min(60.0, seconds / 6))
-        warm_rss = group_rss_bytes(pgid)
+        warm_rss, warm_anon = group_rss_bytes(pgid), group_rss_bytes(pgid, "RssAnon")
         time.sleep(max(0.0, started + seconds / 3 - time.monotonic()))
         drill = httpx.post(
             f"{url}/v1/completions",
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         os.kill(server.proc.pid if server.proc else 0, signal.SIGHUP)
         for thread in threads:
             thread.join(timeout=300)
-        end_rss = group_rss_bytes(pgid)
+        end_rss, end_anon = group_rss_bytes(pgid), group_rss_bytes(pgid, "RssAnon")
         sampling.set()
         time.sleep(3)  # the ledger's last flush
         recorded = ledger_ids(state)
@@ -283,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         "rss_after_warmup_bytes": warm_rss,
         "rss_at_end_bytes": end_rss,
         "rss_growth": round(end_rss / warm_rss - 1, 4) if warm_rss else None,
-        "rss_by_minute": samples,
+        "anonymous_after_warmup_bytes": warm_anon,
+        "anonymous_at_end_bytes": end_anon,
+        "anonymous_growth": round(end_anon / warm_anon - 1, 4) if warm_anon else None,
+        "rss_by_minute": [{"second": s, "rss": rss, "anonymous": anon} for s, rss, anon in samples],
     }
     text = json.dumps(result, indent=2)
     print(text)
