@@ -34,6 +34,8 @@ def test_request_bodies_are_the_models_the_views_parse(client: FlaskClient) -> N
     assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
     assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "security" not in document["paths"]["/v1/models"]["get"]  # no tenants: no key needed
+    ids = [op["operationId"] for operations in document["paths"].values() for op in operations.values()]
+    assert "create_chat_completion" in ids and len(ids) == len(set(ids))
 
 
 def test_with_tenants_every_operation_but_the_public_ones_needs_a_bearer_key(tmp_path: Path) -> None:

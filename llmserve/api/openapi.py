@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from apispec import APISpec
 from flask import Blueprint, Flask, Response, current_app, jsonify
@@ -94,8 +94,16 @@ LIBRARY_ROUTES = {
 }
 
 
-def operations(app: Flask) -> Iterable[tuple[str, str, list[str], Operation]]:
-    """(OpenAPI path, method, path arguments, operation) for every documented route of ``app``."""
+class Route(NamedTuple):
+    path: str  # as OpenAPI writes it: /v1/models/{model_id}
+    method: str
+    arguments: list[str]  # the path's
+    operation: Operation
+    operation_id: str  # the view's name (create_chat_completion): client generators name methods by it
+
+
+def operations(app: Flask) -> Iterable[Route]:
+    """Every documented route of ``app``, one per method."""
     for rule in app.url_map.iter_rules():
         view = app.view_functions[rule.endpoint]
         operation = getattr(view, "openapi_operation", None) or LIBRARY_ROUTES.get(rule.endpoint)
@@ -103,12 +111,12 @@ def operations(app: Flask) -> Iterable[tuple[str, str, list[str], Operation]]:
             continue
         path = FLASK_ARGUMENT.sub(r"{\1}", rule.rule)
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
-            yield path, method.lower(), sorted(rule.arguments), operation
+            yield Route(path, method.lower(), sorted(rule.arguments), operation, rule.endpoint.rpartition(".")[2])
 
 
 def undocumented_routes(app: Flask) -> list[str]:
     """Routes no ``Operation`` describes (Flask's static files aside): a test keeps this empty."""
-    documented_rules = {path for path, *_ in operations(app)}
+    documented_rules = {route.path for route in operations(app)}
     return sorted(
         rule.rule
         for rule in app.url_map.iter_rules()
@@ -120,8 +128,9 @@ def build_document(app: Flask, keyed: bool, model_ids: list[str]) -> dict[str, A
     """The OpenAPI document of ``app``. ``keyed``: tenants are configured, so operations need a key;
     ``model_ids``: the models served, the values a request's ``model`` (and a ``model_id``) may take."""
     routes = list(operations(app))
-    bodies = {op.body for *_, op in routes if op.body is not None}
-    models = {ErrorResponse} | bodies | {op.query for *_, op in routes if op.query is not None}
+    bodies = {route.operation.body for route in routes if route.operation.body is not None}
+    queries = {route.operation.query for route in routes if route.operation.query is not None}
+    models = {ErrorResponse} | bodies | queries
     _, definitions = models_json_schema([(model, "validation") for model in models], ref_template=REF)
     schemas = definitions.get("$defs", {})
     for body in bodies:
@@ -132,8 +141,9 @@ def build_document(app: Flask, keyed: bool, model_ids: list[str]) -> dict[str, A
     if keyed:
         spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     paths: dict[str, dict[str, Any]] = {}
-    for path, method, arguments, operation in routes:
-        paths.setdefault(path, {})[method] = _operation(operation, arguments, keyed, model_ids)
+    for route in routes:
+        operation = _operation(route.operation, route.arguments, keyed, model_ids)
+        paths.setdefault(route.path, {})[route.method] = {"operationId": route.operation_id} | operation
     for path, methods in paths.items():
         spec.path(path=path, operations=methods)
     return spec.to_dict()
