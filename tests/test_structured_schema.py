@@ -257,7 +257,7 @@ def _strict_object(properties: dict[str, Any]) -> dict[str, Any]:
             r"^\$\.properties\.list\.items: strict requires 'additionalProperties': false",
         ),
         (
-            _strict_object({"price": {"type": "number", "minimum": 0}}),
+            _strict_object({"price": {"type": "number", "minimum": 0.5}}),
             r"^\$\.properties\.price: 'minimum' cannot be enforced",
         ),
         (_strict_object({"n": {"type": "integer", "multipleOf": 5}}), r"^\$\.properties\.n: 'multipleOf' cannot"),
@@ -288,7 +288,7 @@ def test_a_strict_schema_that_follows_the_rules_passes() -> None:
 
 
 def test_unenforced_bounds_are_dropped_without_strict() -> None:
-    grammar = Grammar(schema_grammar({"type": "object", "properties": {"price": {"type": "number", "minimum": 18}}}))
+    grammar = Grammar(schema_grammar({"type": "object", "properties": {"price": {"type": "number", "minimum": 18.5}}}))
     assert grammar.matches('{"price": 3.5}')
 
 
@@ -310,9 +310,32 @@ def test_integer_bounds_are_enforced_by_the_grammar(strict: bool) -> None:
             assert grammar.matches(text) == validator.is_valid(json.loads(text)), text
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_integer_bounds_of_a_number_are_enforced_by_the_grammar(strict: bool) -> None:
+    """A score from 0 to 1, a positive amount, a temperature below zero: bounds that are integers."""
+    schema = _strict_object(
+        {
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "amount": {"type": "number", "exclusiveMinimum": 0},
+            "celsius": {"type": "number", "minimum": -40, "exclusiveMaximum": 0},
+        }
+    )
+    check_schema(schema, strict=strict)
+    grammar = Grammar(schema_grammar(schema))
+    validator = Draft202012Validator(schema)
+    valid = {"score": "0.5", "amount": "3", "celsius": "-1.5"}
+    # Numbers as the grammar writes them: no exponent, no trailing zeros (fewer forms than JSON allows).
+    for name in valid:
+        for value in ("0", "1", "0.5", "0.999", "1.5", "-0.5", "-1", "2", "40.25", "-40", "-40.5", "-39.75", "-0.001"):
+            text = "{" + ", ".join(f'"{key}": {value if key == name else valid[key]}' for key in valid) + "}"
+            assert grammar.matches(text) == validator.is_valid(json.loads(text)), text
+
+
 def test_bounds_no_integer_meets_are_refused() -> None:
     with pytest.raises(UnsupportedSchema, match="no integer is within its bounds"):
         check_schema(_strict_object({"n": {"type": "integer", "minimum": 3.5, "maximum": 3.9}}), strict=True)
+    with pytest.raises(UnsupportedSchema, match="no number is within its bounds"):
+        check_schema(_strict_object({"x": {"type": "number", "minimum": 3, "exclusiveMaximum": 3}}), strict=True)
 
 
 def test_definition_names_never_capture_other_rules() -> None:

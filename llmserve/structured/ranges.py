@@ -1,10 +1,17 @@
-"""GBNF for the JSON integers within bounds: how a strict schema's ``minimum`` and ``maximum`` are enforced.
+"""GBNF for the JSON integers and numbers within bounds: how a strict schema's ``minimum`` and ``maximum``
+(and their exclusive forms) are enforced.
 
 The integers of one digit count between two bounds split, digit by digit, into a few sequences of digit
 classes (as a regular expression for a numeric range is built): 137..4201 becomes 13[7-9], 1[4-9][0-9],
 [2-9][0-9]{2}, [1-3][0-9]{3}, 4[01][0-9]{2}, 420[01]. Longer or shorter integers are whole digit counts,
 and negative ones are a minus sign before the range of their magnitudes. JSON's integers have no leading
 zeros and no "-0", and neither does this grammar.
+
+A number between integer bounds is an integer of its integer range, or a fraction: a number k.d..d (or
+-k.d..d) with a last decimal digit other than 0, strictly between two consecutive integers, so it is
+within the bounds exactly when that whole unit interval is. Bounds that are not integers (``0.5``) would
+need the fraction's digits compared too; they are not enforced here. Bounded numbers are written without
+an exponent, which JSON never requires.
 """
 
 from __future__ import annotations
@@ -23,6 +30,33 @@ def integer_bounds(
     if exclusive_maximum is not None:
         highs.append(math.ceil(exclusive_maximum) - 1)
     return (max(lows) if lows else None), (min(highs) if highs else None)
+
+
+FRACTION = '"." [0-9]{0,15} [1-9]'  # a decimal part that is not zero, of at most 16 digits as llama.cpp's
+
+
+def number_range(
+    minimum: float | None, maximum: float | None, exclusive_minimum: float | None, exclusive_maximum: float | None
+) -> str:
+    """A GBNF rule body for the JSON numbers within bounds that are all integers (ValueError otherwise)."""
+    bounds = (minimum, maximum, exclusive_minimum, exclusive_maximum)
+    if any(bound is not None and not float(bound).is_integer() for bound in bounds):
+        raise ValueError("only integer bounds can be enforced on a number")
+    low, high = integer_bounds(*bounds)
+    # The unit intervals (k, k+1) within the bounds: k from ``first`` to ``last``.
+    lows = [int(b) for b in (minimum, exclusive_minimum) if b is not None]
+    highs = [int(b) - 1 for b in (maximum, exclusive_maximum) if b is not None]
+    first, last = (max(lows) if lows else None), (min(highs) if highs else None)
+    alternatives = [integer_range(low, high)] if low is None or high is None or low <= high else []
+    if last is None or last >= max(first or 0, 0):  # k >= 0: k.ddd
+        alternatives.append(f"( {integer_range(max(first or 0, 0), last)} ) {FRACTION}")
+    if first is None or first < 0:  # k < 0: -(m.ddd) with m = -k - 1
+        smallest, largest = max(-(last if last is not None else -1) - 1, 0), (None if first is None else -first - 1)
+        if largest is None or smallest <= largest:
+            alternatives.append(f'"-" ( {integer_range(smallest, largest)} ) {FRACTION}')
+    if not alternatives:
+        raise ValueError("no number is within these bounds")
+    return " | ".join(f"( {alternative} )" for alternative in alternatives)
 
 
 def integer_range(low: int | None, high: int | None) -> str:

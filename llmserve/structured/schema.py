@@ -7,10 +7,11 @@ rather than any value, definitions whose names collide with other rules resolve 
 strings may hold raw control characters. So every schema is first walked here: what the grammar cannot
 enforce is refused with the path that holds it, and the rest is rewritten into the shapes the converter
 handles correctly. The converter then runs unchanged except for three overrides (JSON-safe string
-characters, one rule per referenced definition, integers within ``minimum``/``maximum`` bounds).
+characters, one rule per referenced definition, integers and numbers within ``minimum``/``maximum``
+bounds).
 
 Without ``strict`` (where OpenAI promises no adherence at all) bounds the grammar cannot enforce, such
-as a non-integer number's ``minimum``, ``multipleOf`` or an unsupported ``format``, are dropped; with
+as a number's ``minimum`` of 0.5, ``multipleOf`` or an unsupported ``format``, are dropped; with
 ``strict`` they are refused, so that a strict schema is either enforced exactly or not accepted.
 Structural keywords the grammar cannot express (``not``, ``if``, ``patternProperties``, ...) are refused
 either way.
@@ -29,7 +30,7 @@ from jsonschema.exceptions import SchemaError
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
 
 from llmserve.structured.pattern import MAX_REPEAT, convert_pattern
-from llmserve.structured.ranges import integer_bounds, integer_range
+from llmserve.structured.ranges import integer_bounds, integer_range, number_range
 
 # Keywords that describe a value without constraining it.
 ANNOTATIONS = frozenset(
@@ -73,10 +74,13 @@ SUPPORTED = frozenset(
         "definitions",
     }
 )
-# Bounds of an integer, which the grammar enforces (``ranges``); of any other number it cannot.
-INTEGER_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+# Bounds of an integer, and integer bounds of a number, which the grammar enforces (``ranges``).
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+INTEGER_BOUNDS = frozenset(BOUNDS)
 # How a prepared schema hands an integer's bounds to the converter (least, greatest; None: unbounded).
 INTEGER_RANGE = "llmserve-integer-range"
+# ... and a number's: the four bounds, in the order of ``BOUNDS``.
+NUMBER_RANGE = "llmserve-number-range"
 # Bounds the grammar cannot enforce: dropped without strict, refused with it.
 UNENFORCED = frozenset(
     {
@@ -165,6 +169,17 @@ def _has_type(value: Any, json_type: str) -> bool:
     return value is None if expected is None else isinstance(value, expected)
 
 
+def _enforced_bounds(schema: Mapping[str, Any]) -> bool:
+    """Whether the grammar enforces this schema's bounds: an integer's always, a number's when they are
+    integers (``"minimum": 0, "maximum": 1``, a score)."""
+    if schema.get("type") in ("integer", ["integer"]):
+        return True
+    bounds = [schema[key] for key in BOUNDS if key in schema]
+    return schema.get("type") in ("number", ["number"]) and all(
+        _has_type(bound, "number") and float(bound).is_integer() for bound in bounds
+    )
+
+
 def _check_valid(schema: Any, path: str) -> None:
     if not isinstance(schema, Mapping | bool):
         raise UnsupportedSchema(f"{path}: not a valid JSON Schema: a schema must be an object or a boolean")
@@ -211,8 +226,7 @@ class _Walker:
         keys = set(schema)
         if unsupported := sorted(keys & UNSUPPORTED):
             raise UnsupportedSchema(f"{path}: {unsupported[0]!r} is not supported")
-        integer_only = schema.get("type") in ("integer", ["integer"])
-        for keyword in sorted(keys & UNENFORCED - (INTEGER_BOUNDS if integer_only else frozenset())):
+        for keyword in sorted(keys & UNENFORCED - (INTEGER_BOUNDS if _enforced_bounds(schema) else frozenset())):
             self._unenforced(f"{path}: {keyword!r} cannot be enforced by the grammar, so strict does not allow it")
         constraints = keys & SUPPORTED - {"$defs", "definitions"}
         for combinator in ("$ref", "allOf", "anyOf", "oneOf"):
@@ -266,6 +280,13 @@ class _Walker:
             if low is not None and high is not None and low > high:
                 raise UnsupportedSchema(f"{path}: no integer is within its bounds")
             return {"type": "integer", INTEGER_RANGE: (low, high)}
+        if json_type == "number" and schema.keys() & INTEGER_BOUNDS and _enforced_bounds(schema):
+            bounds = tuple(schema.get(key) for key in BOUNDS)
+            try:
+                number_range(*bounds)
+            except ValueError:
+                raise UnsupportedSchema(f"{path}: no number is within its bounds") from None
+            return {"type": "number", NUMBER_RANGE: bounds}
         return {"type": json_type}
 
     def _bounds(self, schema: Mapping[str, Any], low_key: str, high_key: str, path: str) -> dict[str, int]:
@@ -427,6 +448,8 @@ class GrammarBuilder(SchemaConverter):
     def visit(self, schema: Mapping[str, Any], name: str) -> str:
         if INTEGER_RANGE in schema:
             return self.rule(name or "root", f"( {integer_range(*schema[INTEGER_RANGE])} ) space")
+        if NUMBER_RANGE in schema:
+            return self.rule(name or "root", f"( {number_range(*schema[NUMBER_RANGE])} ) space")
         return str(super().visit(schema, name))
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
