@@ -21,7 +21,7 @@ from llmserve import lifecycle
 from llmserve.errors import write_protocol_error
 from llmserve.ledger.store import LedgerUnavailable, open_ledger
 from llmserve.logs import logging_config
-from llmserve.settings import SettingsError, keyless_refusal, load_settings
+from llmserve.settings import SettingsError, available_cpus, keyless_refusal, load_settings
 
 # Every worker writes its metric samples here; it must be set before a worker imports prometheus_client.
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -62,9 +62,17 @@ control_socket_disable = True
 
 
 def on_starting(server):  # type: ignore[no-untyped-def]
-    """Start from an empty metrics directory: samples of an earlier run's workers would be summed in. Bring
-    the usage ledger's schema up to date once, here, before any worker opens it; a ledger that cannot be
-    opened stops the start."""
+    """Warn when the workers' decode threads outnumber the CPUs. Start from an empty metrics directory:
+    samples of an earlier run's workers would be summed in. Bring the usage ledger's schema up to date
+    once, here, before any worker opens it; a ledger that cannot be opened stops the start."""
+    if _settings.oversubscribed:
+        server.log.warning(
+            "%d workers x %d decode threads exceed the %d CPUs: the threads will slow each other down; "
+            "set model.threads to at most the CPUs divided by the workers",
+            _settings.workers,
+            _settings.model.threads,
+            available_cpus(),
+        )
     directory = Path(os.environ[_METRICS_DIR])
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)

@@ -24,7 +24,7 @@ CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
 ENV_PREFIX = "LLMSERVE_"
 
 
-def _default_threads() -> int:
+def available_cpus() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
@@ -68,7 +68,12 @@ class ModelSettings(BaseModel):
     )
     context_length: int = Field(4096, ge=128, le=1_048_576, description="Tokens per sequence (prompt+output).")
     parallel: int = Field(8, ge=1, le=256, description="Sequence slots decoded together in one batch.")
-    threads: int = Field(default_factory=_default_threads, ge=1, le=1024, description="CPU threads for decode.")
+    threads: int = Field(
+        default_factory=available_cpus,
+        ge=1,
+        le=1024,
+        description="CPU threads for decode, per worker; default: the CPUs divided among the workers.",
+    )
     batch_tokens: int = Field(512, ge=32, le=65_536, description="Most tokens in one engine step.")
     gpu_layers: int = Field(0, ge=-1, le=10_000, description="Layers offloaded to a GPU (-1 all).")
     embeddings: bool = Field(True, description="Serve /v1/embeddings from a second, pooled context.")
@@ -155,6 +160,33 @@ class Settings(BaseSettings):
     prices: PriceSettings = Field(
         default_factory=PriceSettings, description="Prices per model, recorded with each request's cost."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_cpus_among_workers(cls, data: Any) -> Any:
+        """Unless set, each worker decodes with its share of the CPUs. ggml's threads spin-wait for each
+        other at every operation: two workers each running a thread per CPU made one run 15 times slower
+        than one thread each (docs/engine.md)."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            workers = max(1, int(data.get("workers", 1)))
+        except (TypeError, ValueError):
+            return data  # the field's own validation says what is wrong
+        threads = max(1, available_cpus() // workers)
+        model = data.get("model")
+        if model is None:
+            return {**data, "model": {"threads": threads}}
+        if isinstance(model, dict) and "threads" not in model:
+            return {**data, "model": {**model, "threads": threads}}
+        if isinstance(model, ModelSettings) and "threads" not in model.model_fields_set:
+            return {**data, "model": model.model_copy(update={"threads": threads})}
+        return data
+
+    @property
+    def oversubscribed(self) -> bool:
+        """More decode threads in all workers together than CPUs: they then slow each other down."""
+        return self.workers * self.model.threads > available_cpus()
 
     @model_validator(mode="after")
     def _keys_guard_public_addresses(self) -> Settings:

@@ -53,6 +53,20 @@ def test_each_bad_value_is_named_with_its_source(tmp_path: Path, monkeypatch: py
     assert f"model.parallel in {config}" in message
 
 
+def test_the_cpus_are_divided_among_the_workers_unless_threads_are_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    config = tmp_path / "llmserve.toml"
+    config.write_text("workers = 3\n[model]\nparallel = 4\n")
+    settings = load_settings(config)
+    assert settings.model.threads == 2 and not settings.oversubscribed
+    assert load_settings().model.threads == 8  # one worker: every CPU
+    monkeypatch.setenv("LLMSERVE_MODEL__THREADS", "4")
+    settings = load_settings(config)
+    assert settings.model.threads == 4 and settings.oversubscribed  # said so: kept, and warned about at start
+
+
 def test_a_step_must_fit_one_token_of_every_slot(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMSERVE_MODEL__PARALLEL", "64")
     monkeypatch.setenv("LLMSERVE_MODEL__BATCH_TOKENS", "32")
