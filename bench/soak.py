@@ -79,6 +79,7 @@ class Tally:
         self.statuses: Counter[str] = Counter()
         self.unexpected: list[dict[str, Any]] = []
         self.accounted: set[str] = set()  # request ids the ledger must hold
+        self.transport_errors: list[dict[str, str]] = []  # connections that failed under a request, and when
 
     def record(
         self, kind: str, request_id: str, status: int, code: str | None, *, accounted: bool, retry_after: float = 0
@@ -190,6 +191,8 @@ def client_loop(url: str, key: str, tally: Tally, deadline: float, seed: int) ->
             except httpx.HTTPError as exc:
                 with tally.lock:
                     tally.statuses[f"transport {type(exc).__name__}"] += 1
+                    moment = time.strftime("%H:%M:%S", time.gmtime())
+                    tally.transport_errors.append({"error": type(exc).__name__, "utc": moment})
 
 
 def create_key(state: Path, config: Path, tenant: str) -> str:
@@ -281,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "worker_replaced": "engine failed while serving" in log,
         "reloaded": "Handling signal: hup" in log and "reload refused" not in log,
         "unexpected_5xx": tally.unexpected,
+        "transport_errors": tally.transport_errors,  # compare with the server log's worker exits
         "accounted_requests": len(tally.accounted),
         "lost_usage_records": lost,
         "rss_after_warmup_bytes": warm_rss,
