@@ -20,8 +20,8 @@ from llmserve.accounting import Accounting, end_of_error, end_of_generation, led
 from llmserve.api.runner import EngineTime
 from llmserve.application import create_app
 from llmserve.cli import main
-from llmserve.engine.engine import charge_step
 from llmserve.engine.jobs import Finished, FinishReason, GenerationSpec, Job, Rejected, RejectReason
+from llmserve.engine.slots import charge_step
 from llmserve.engine.stream import EventStream
 from llmserve.errors import (
     ClientDisconnected,

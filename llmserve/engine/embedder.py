@@ -1,4 +1,5 @@
-"""Embeddings from a second llama.cpp context, mean-pooled here, one bounded decode per engine turn.
+"""Embeddings: a second llama.cpp context, mean-pooled here, one bounded decode per engine turn, and the
+engine's lane that embedding jobs wait for and run in.
 
 A separate context keeps embedding runs from disturbing the generation context's KV cache. Each decode
 holds at most ``BATCH_TOKENS`` tokens: several short inputs, or the next piece of a long one, whose later
@@ -11,10 +12,16 @@ logits for every token an embedding decode outputs (262k floats, 1 MiB, for Gemm
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 
+from llmserve.engine.jobs import Admitted, Embeddings, EmbeddingSpec, Finished, FinishReason, Job
 from llmserve.engine.llama_model import LlamaContext, LlamaModel
+from llmserve.engine.stats import StatsRecorder
 from llmserve.settings import ModelSettings
+from scheduler import FairScheduler
 
 BATCH_TOKENS = 64
 MAX_SEQUENCES_PER_DECODE = 16
@@ -92,3 +99,55 @@ class Embedder:
 def _normalised(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     return (vector / norm if norm > 0 else vector).astype(np.float32)
+
+
+class EmbeddingLane:
+    """The engine's one embedding lane: the fair scheduler its jobs wait in (with the generations' caps,
+    shares and timeouts), the job it holds, and that job's embedder decodes, one per engine turn."""
+
+    def __init__(self, scheduler: FairScheduler[Job], stats: StatsRecorder, on_finished: Callable[[Job], None]) -> None:
+        self.scheduler = scheduler
+        self.job: Job | None = None
+        self._stats = stats
+        self._on_finished = on_finished  # the engine's drain rates count finished jobs
+
+    @property
+    def free(self) -> int:
+        return int(self.job is None)
+
+    def admit(self) -> None:
+        """Give a free lane to the embedding job the scheduler picks; it is charged its input tokens."""
+        if self.job is not None:
+            return
+        job = self.scheduler.next()
+        if job is None:
+            return
+        assert isinstance(job.spec, EmbeddingSpec)
+        self.scheduler.charge(job, prompt_tokens=sum(len(tokens) for tokens in job.spec.inputs))
+        self.job = job
+        job.sink.push(Admitted(cached_tokens=0))
+
+    def step(self, embedder: Embedder) -> None:
+        """One bounded embedding decode for the job in the lane; most jobs take several turns."""
+        job = self.job
+        assert job is not None and isinstance(job.spec, EmbeddingSpec)
+        started = time.perf_counter()
+        vectors = embedder.step(job.id, job.spec.inputs)
+        seconds = time.perf_counter() - started
+        job.engine_seconds += seconds
+        self._stats.record_embedding(seconds)
+        if vectors is not None:
+            self._stats.embedded_inputs += len(vectors)
+            job.sink.push(Embeddings(vectors))
+            self.end(FinishReason.STOP)
+
+    def end(self, reason: FinishReason) -> None:
+        """End the job in the lane, which must hold one."""
+        job = self.job
+        assert job is not None
+        if reason is FinishReason.CANCELLED:
+            self._stats.cancelled += 1
+        job.sink.push(Finished(reason, job.engine_seconds))
+        self.scheduler.release(job)
+        self._on_finished(job)
+        self.job = None

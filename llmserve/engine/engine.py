@@ -14,7 +14,6 @@ import _queue
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -22,11 +21,10 @@ import numpy as np
 from gevent import monkey
 
 from llmserve.engine.distribution import SamplingError, Scratch
-from llmserve.engine.embedder import Embedder
+from llmserve.engine.embedder import Embedder, EmbeddingLane
 from llmserve.engine.grammar import GrammarError
 from llmserve.engine.jobs import (
     Admitted,
-    Embeddings,
     EmbeddingSpec,
     Fault,
     Finished,
@@ -40,6 +38,7 @@ from llmserve.engine.jobs import (
 )
 from llmserve.engine.llama_model import LlamaContext, LlamaError, LlamaModel, Vocabulary
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
+from llmserve.engine.slots import Fed, Slot, charge_step, common_prefix
 from llmserve.engine.stats import EngineStats, StatsRecorder, StepSample, TenantLoad
 from llmserve.settings import ModelSettings
 from scheduler import DrainRate, FairScheduler, MonotonicClock, QueueFullError, TenantQueueFullError, TenantShare
@@ -67,63 +66,8 @@ class EngineState(StrEnum):
     FAILED = "failed"
 
 
-@dataclass
-class Slot:
-    """One sequence slot: a KV-cache sequence id, the tokens it holds, and the job decoding in it."""
-
-    index: int
-    cached: list[int] = field(default_factory=list)
-    job: Job | None = None
-    spec: GenerationSpec | None = None
-    sampler: Sampler | None = None
-    prefilled: int = 0
-    generated: int = 0
-    next_token: int = -1
-    output_row: int = -1  # the row of the step's outputs this slot samples from, -1 if none this step
-    donor: Slot | None = None  # a slot computing our prompt's prefix, to be copied when it has
-    shared: int = 0  # how much of our prompt the donor will hold
-
-    @property
-    def computing(self) -> bool:
-        """Feeding its own prompt or generating (not waiting for a donor)."""
-        return self.job is not None and self.donor is None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.spec is not None and self.prefilled < len(self.spec.prompt)
-
-
-@dataclass
-class Fed:
-    """What one slot put into a step's batch, and how to take it back if the decode fails."""
-
-    slot: Slot
-    job: Job
-    tokens: int  # the tokens it put in (one when generating, a chunk when prefilling), for charging the step
-    cached_before: int
-    prefilled_before: int
-
-
 class InjectedFault(Exception):
     """The engine thread's failure that a fault drill asked for."""
-
-
-def charge_step(seconds: float, jobs: Sequence[Job], tokens: Sequence[int]) -> None:
-    """Split one step's time among its jobs by the tokens each put into the batch (a decoded token counts
-    one, a prefill chunk its length), so that the engine time of all jobs adds up to the engine's."""
-    total = sum(tokens)
-    if total:
-        per_token = seconds / total
-        for job, count in zip(jobs, tokens, strict=True):
-            job.engine_seconds += per_token * count
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    length = min(len(a), len(b))
-    for i in range(length):
-        if a[i] != b[i]:
-            return i
-    return length
 
 
 class Engine:
@@ -148,13 +92,13 @@ class Engine:
         self._scheduler.configure(shares)
         # Embedding requests wait in a scheduler of their own, with the same caps, shares and timeouts, for
         # the one embedding lane: its decodes alternate with the generation steps.
-        self._embed_scheduler: FairScheduler[Job] = FairScheduler(self._clock, max_queued=queue_size, policy=policy)
-        self._embed_scheduler.configure(shares)
+        embed_scheduler: FairScheduler[Job] = FairScheduler(self._clock, max_queued=queue_size, policy=policy)
+        embed_scheduler.configure(shares)
         self._drain = DrainRate(self._clock)
         self._tenant_drain: dict[str, DrainRate] = {}
         self._slots = [Slot(i) for i in range(model_settings.parallel)]
         self._stats = StatsRecorder(model_settings.parallel)
-        self._embedding: Job | None = None  # the embedding job in the lane
+        self._embeddings = EmbeddingLane(embed_scheduler, self._stats, self._record_finished)
         self._stopping = False
         self._drain_deadline: float | None = None
         # What a step tells its jobs, held until all its rows are sampled: a greenlet woken by the first
@@ -209,7 +153,7 @@ class Engine:
     def busy(self) -> bool:
         """Whether any job is queued or running (the watchdog only judges progress while busy)."""
         stats = self._stats.snapshot
-        return stats.slots_busy > 0 or stats.queued > 0 or self._embedding is not None
+        return stats.slots_busy > 0 or stats.queued > 0 or self._embeddings.job is not None
 
     def stats(self) -> EngineStats:
         return self._stats.snapshot
@@ -281,18 +225,18 @@ class Engine:
         while not self._stopping:
             self.last_progress = time.monotonic()
             idle = (
-                self._embedding is None
+                self._embeddings.job is None
                 and all(slot.job is None for slot in self._slots)
                 and not len(self._scheduler)
-                and not len(self._embed_scheduler)
+                and not len(self._embeddings.scheduler)
             )
             self._take_inbox(context, block=idle)
             self._apply_drain()
             self._drop_cancelled_and_expired()
             self._admit(context)
             self._publish()  # before the work, so that a step that hangs shows its jobs as pending
-            if self._embedding is not None and embedder is not None:
-                self._embed_next(embedder)
+            if self._embeddings.job is not None and embedder is not None:
+                self._embeddings.step(embedder)
             if any(slot.computing for slot in self._slots):
                 self._step(context)
             self._publish()
@@ -303,12 +247,12 @@ class Engine:
             busy=len(busy),
             prefilling=sum(1 for slot in busy if slot.prefilling),
             kv_cells=sum(len(slot.cached) for slot in self._slots),
-            queued=len(self._scheduler) + len(self._embed_scheduler),
+            queued=len(self._scheduler) + len(self._embeddings.scheduler),
             jobs_per_second=self._drain.per_second,
             tenants={
                 tenant: TenantLoad(
-                    self._scheduler.running(tenant) + self._embed_scheduler.running(tenant),
-                    self._scheduler.queued(tenant) + self._embed_scheduler.queued(tenant),
+                    self._scheduler.running(tenant) + self._embeddings.scheduler.running(tenant),
+                    self._scheduler.queued(tenant) + self._embeddings.scheduler.queued(tenant),
                     counter,
                 )
                 for tenant, counter in self._scheduler.counters().items()
@@ -333,7 +277,7 @@ class Engine:
             job.sink.push(SHUTTING_DOWN)
             return
         if isinstance(job.spec, EmbeddingSpec):
-            scheduler, free = self._embed_scheduler, int(self._embedding is None)
+            scheduler, free = self._embeddings.scheduler, self._embeddings.free
         else:
             scheduler, free = self._scheduler, sum(1 for slot in self._slots if slot.job is None)
         try:
@@ -345,6 +289,11 @@ class Engine:
         except QueueFullError:
             self._stats.rejected += 1
             job.sink.push(Rejected(RejectReason.QUEUE_FULL, self._drain.retry_after(len(scheduler))))
+
+    def _record_finished(self, job: Job) -> None:
+        """Count a finished job in the drain rates that Retry-After estimates come from."""
+        self._drain.record_finished()
+        self._drain_of(job.tenant).record_finished()
 
     def _drain_of(self, tenant: str) -> DrainRate:
         """How fast this tenant's jobs finish: its queue drains at its share of the engine, not all of it."""
@@ -358,7 +307,7 @@ class Engine:
         whatever still runs ends, and its client gets an error rather than a cut connection."""
         if self._drain_deadline is None:
             return
-        for scheduler in (self._scheduler, self._embed_scheduler):
+        for scheduler in (self._scheduler, self._embeddings.scheduler):
             for job in scheduler.jobs():
                 scheduler.remove(job)
                 job.sink.push(SHUTTING_DOWN)
@@ -367,11 +316,11 @@ class Engine:
         for slot in self._slots:
             if slot.job is not None:
                 self._retire(slot, FinishReason.CANCELLED)
-        if self._embedding is not None:
-            self._end_embedding(FinishReason.CANCELLED)
+        if self._embeddings.job is not None:
+            self._embeddings.end(FinishReason.CANCELLED)
 
     def _drop_cancelled_and_expired(self) -> None:
-        for scheduler in (self._scheduler, self._embed_scheduler):
+        for scheduler in (self._scheduler, self._embeddings.scheduler):
             for job in scheduler.jobs():
                 if job.cancelled:
                     scheduler.remove(job)
@@ -380,14 +329,14 @@ class Engine:
             for job in scheduler.expired():
                 self._stats.rejected += 1
                 job.sink.push(Rejected(RejectReason.QUEUE_TIMEOUT, self._drain.retry_after(len(scheduler))))
-        if self._embedding is not None and self._embedding.cancelled:
-            self._end_embedding(FinishReason.CANCELLED)
+        if self._embeddings.job is not None and self._embeddings.job.cancelled:
+            self._embeddings.end(FinishReason.CANCELLED)
         for slot in self._slots:
             if slot.job is not None and slot.job.stop_reason is not None:
                 self._retire(slot, slot.job.stop_reason)
 
     def _admit(self, context: LlamaContext) -> None:
-        self._admit_embedding()
+        self._embeddings.admit()
         self._resolve_donors(context)
         free = [slot for slot in self._slots if slot.job is None]
         while free:
@@ -397,9 +346,9 @@ class Engine:
             assert isinstance(job.spec, GenerationSpec)
             spec = job.spec
             # Reuse the longest cached prefix; the last prompt token is always decoded again for logits.
-            slot = max(free, key=lambda s: _common_prefix(s.cached, spec.prompt))
+            slot = max(free, key=lambda s: common_prefix(s.cached, spec.prompt))
             free.remove(slot)
-            reuse = context.forget(slot.index, min(_common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
+            reuse = context.forget(slot.index, min(common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0
             slot.sampler = self._sampler(job)
@@ -440,7 +389,7 @@ class Engine:
             if other is slot or other.donor is not None:
                 continue
             source = other.spec.prompt if other.spec is not None and other.prefilling else other.cached
-            shared = min(_common_prefix(source, prompt), len(prompt) - 1)
+            shared = min(common_prefix(source, prompt), len(prompt) - 1)
             if shared > best[1]:
                 best = (other, shared)
         return best
@@ -454,7 +403,7 @@ class Engine:
                 continue
             if donor.spec is not None and donor.prefilling and len(donor.cached) < slot.shared:
                 continue  # the donor is still computing it (checked before the scan, which runs each step)
-            available = min(_common_prefix(donor.cached, slot.spec.prompt), slot.shared)
+            available = min(common_prefix(donor.cached, slot.spec.prompt), slot.shared)
             if available < slot.shared and donor.spec is not None and donor.prefilling:
                 continue  # the donor is still computing it
             slot.donor = None
@@ -610,57 +559,19 @@ class Engine:
         if reason is FinishReason.CANCELLED:
             self._stats.cancelled += 1
         self._scheduler.release(slot.job)
-        self._drain.record_finished()
-        self._drain_of(slot.job.tenant).record_finished()
+        self._record_finished(slot.job)
         if slot.sampler is not None:
             slot.sampler.close()
         slot.job, slot.spec, slot.sampler, slot.output_row, slot.donor = None, None, None, -1, None
-
-    def _admit_embedding(self) -> None:
-        """Give a free embedding lane to the embedding job the scheduler picks."""
-        if self._embedding is not None:
-            return
-        job = self._embed_scheduler.next()
-        if job is None:
-            return
-        assert isinstance(job.spec, EmbeddingSpec)
-        self._embed_scheduler.charge(job, prompt_tokens=sum(len(tokens) for tokens in job.spec.inputs))
-        self._embedding = job
-        job.sink.push(Admitted(cached_tokens=0))
-
-    def _embed_next(self, embedder: Embedder) -> None:
-        """One bounded embedding decode for the job in the lane; most jobs take several turns."""
-        job = self._embedding
-        assert job is not None and isinstance(job.spec, EmbeddingSpec)
-        started = time.perf_counter()
-        vectors = embedder.step(job.id, job.spec.inputs)
-        seconds = time.perf_counter() - started
-        job.engine_seconds += seconds
-        self._stats.record_embedding(seconds)
-        if vectors is not None:
-            self._stats.embedded_inputs += len(vectors)
-            job.sink.push(Embeddings(vectors))
-            self._end_embedding(FinishReason.STOP)
-
-    def _end_embedding(self, reason: FinishReason) -> None:
-        job = self._embedding
-        assert job is not None
-        if reason is FinishReason.CANCELLED:
-            self._stats.cancelled += 1
-        job.sink.push(Finished(reason, job.engine_seconds))
-        self._embed_scheduler.release(job)
-        self._drain.record_finished()
-        self._drain_of(job.tenant).record_finished()
-        self._embedding = None
 
     def _fail_everything(self) -> None:
         """Leave no waiting client behind when the thread ends, however it ends."""
         for slot in self._slots:
             if slot.job is not None:
                 self._retire(slot, FinishReason.ERROR if self.state == EngineState.FAILED else FinishReason.CANCELLED)
-        if self._embedding is not None:
-            self._end_embedding(FinishReason.ERROR if self.state == EngineState.FAILED else FinishReason.CANCELLED)
-        for job in self._scheduler.jobs() + self._embed_scheduler.jobs():
+        if self._embeddings.job is not None:
+            self._embeddings.end(FinishReason.ERROR if self.state == EngineState.FAILED else FinishReason.CANCELLED)
+        for job in self._scheduler.jobs() + self._embeddings.scheduler.jobs():
             job.sink.push(SHUTTING_DOWN)
         try:
             while True:
