@@ -260,7 +260,11 @@ def _strict_object(properties: dict[str, Any]) -> dict[str, Any]:
             _strict_object({"price": {"type": "number", "minimum": 0.5}}),
             r"^\$\.properties\.price: 'minimum' cannot be enforced",
         ),
-        (_strict_object({"n": {"type": "integer", "multipleOf": 5}}), r"^\$\.properties\.n: 'multipleOf' cannot"),
+        (_strict_object({"n": {"type": "number", "multipleOf": 0.5}}), r"^\$\.properties\.n: 'multipleOf' cannot"),
+        (
+            _strict_object({"n": {"type": "integer", "multipleOf": 5, "minimum": 0}}),  # one bound: not enforced
+            r"^\$\.properties\.n: 'multipleOf' cannot",
+        ),
         (_strict_object({"mail": {"type": "string", "format": "email"}}), r"^\$\.properties\.mail: 'format' 'email'"),
         (_strict_object({"x": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}), r"^\$\.properties\.x: 'oneOf'"),
         (_strict_object({"s": {"type": "string", "pattern": "^\\s+$"}}), r"^\$\.properties\.s: 'pattern' uses '\\s'"),
@@ -329,6 +333,31 @@ def test_integer_bounds_of_a_number_are_enforced_by_the_grammar(strict: bool) ->
         for value in ("0", "1", "0.5", "0.999", "1.5", "-0.5", "-1", "2", "40.25", "-40", "-40.5", "-39.75", "-0.001"):
             text = "{" + ", ".join(f'"{key}": {value if key == name else valid[key]}' for key in valid) + "}"
             assert grammar.matches(text) == validator.is_valid(json.loads(text)), text
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 3, 7, 10, 25, 997])
+def test_an_integer_multiple_of_is_enforced_by_the_grammar(divisor: int) -> None:
+    schema = {"type": "integer", "multipleOf": divisor}
+    check_schema(_strict_object({"n": schema}), strict=True)
+    rule = schema_grammar(schema)
+    assert llama_accepts(rule)
+    grammar = Grammar(rule)
+    values = list(range(-60, 61)) + random.Random(divisor).sample(range(-(10**12), 10**12), 200)
+    for value in [*values, divisor * 123_456_789, -divisor * 31]:
+        assert grammar.matches(str(value)) == (value % divisor == 0), value
+    for text in ("-0", "00", "05", "+5", "5.0"):
+        assert not grammar.matches(text), text
+
+
+def test_an_integer_multiple_of_within_bounds_is_an_enum() -> None:
+    schema = _strict_object({"n": {"type": "integer", "multipleOf": 15, "minimum": -31, "exclusiveMaximum": 60}})
+    check_schema(schema, strict=True)
+    grammar = Grammar(schema_grammar(schema))
+    assert [n for n in range(-100, 100) if grammar.matches(f'{{"n": {n}}}')] == [-30, -15, 0, 15, 30, 45]
+    with pytest.raises(UnsupportedSchema, match="no multiple"):
+        check_schema(
+            _strict_object({"n": {"type": "integer", "multipleOf": 10, "minimum": 1, "maximum": 9}}), strict=True
+        )
 
 
 def test_bounds_no_integer_meets_are_refused() -> None:

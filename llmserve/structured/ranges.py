@@ -1,5 +1,5 @@
-"""GBNF for the JSON integers and numbers within bounds: how a strict schema's ``minimum`` and ``maximum``
-(and their exclusive forms) are enforced.
+"""GBNF for the JSON integers and numbers within bounds, and for an integer's multiples: how a strict
+schema's ``minimum`` and ``maximum`` (and their exclusive forms) and ``multipleOf`` are enforced.
 
 The integers of one digit count between two bounds split, digit by digit, into a few sequences of digit
 classes (as a regular expression for a numeric range is built): 137..4201 becomes 13[7-9], 1[4-9][0-9],
@@ -57,6 +57,22 @@ def number_range(
     if not alternatives:
         raise ValueError("no number is within these bounds")
     return " | ".join(f"( {alternative} )" for alternative in alternatives)
+
+
+def multiples(divisor: int, names: list[str]) -> tuple[str, list[str]]:
+    """GBNF for the JSON integers divisible by ``divisor``, as the automaton that reads a number's digits
+    keeping the remainder so far: the top rule's body, and the body of rule ``names[r]`` for each
+    remainder ``r`` (reached after the digits read leave ``r``; the number may end only at 0)."""
+
+    def step(remainder: int, digits: range) -> str:
+        targets: dict[int, list[int]] = {}
+        for digit in digits:
+            targets.setdefault((10 * remainder + digit) % divisor, []).append(digit)
+        classes = (f"[{''.join(map(str, ds))}] {names[target]}" for target, ds in sorted(targets.items()))
+        return " | ".join(f"( {alternative} )" for alternative in classes)
+
+    bodies = [f"( {step(r, range(10))} )" + ("?" if r == 0 else "") for r in range(divisor)]
+    return f'"0" | "-"? ( {step(0, range(1, 10))} )', bodies
 
 
 def integer_range(low: int | None, high: int | None) -> str:

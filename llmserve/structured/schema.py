@@ -6,12 +6,12 @@ know and mishandles several it does: a type union drops every other keyword (``"
 rather than any value, definitions whose names collide with other rules resolve to the wrong rule, and
 strings may hold raw control characters. So every schema is first walked here: what the grammar cannot
 enforce is refused with the path that holds it, and the rest is rewritten into the shapes the converter
-handles correctly. The converter then runs unchanged except for three overrides (JSON-safe string
+handles correctly. The converter then runs unchanged except for a few overrides (JSON-safe string
 characters, one rule per referenced definition, integers and numbers within ``minimum``/``maximum``
-bounds).
+bounds, an integer's ``multipleOf``).
 
 Without ``strict`` (where OpenAI promises no adherence at all) bounds the grammar cannot enforce, such
-as a number's ``minimum`` of 0.5, ``multipleOf`` or an unsupported ``format``, are dropped; with
+as a number's ``minimum`` of 0.5 or ``multipleOf``, or an unsupported ``format``, are dropped; with
 ``strict`` they are refused, so that a strict schema is either enforced exactly or not accepted.
 Structural keywords the grammar cannot express (``not``, ``if``, ``patternProperties``, ...) are refused
 either way.
@@ -30,7 +30,7 @@ from jsonschema.exceptions import SchemaError
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
 
 from llmserve.structured.pattern import MAX_REPEAT, convert_pattern
-from llmserve.structured.ranges import integer_bounds, integer_range, number_range
+from llmserve.structured.ranges import integer_bounds, integer_range, multiples, number_range
 
 # Keywords that describe a value without constraining it.
 ANNOTATIONS = frozenset(
@@ -81,6 +81,10 @@ INTEGER_BOUNDS = frozenset(BOUNDS)
 INTEGER_RANGE = "llmserve-integer-range"
 # ... and a number's: the four bounds, in the order of ``BOUNDS``.
 NUMBER_RANGE = "llmserve-number-range"
+# ... and an integer's multipleOf without bounds (with both bounds, its multiples become an enum).
+MULTIPLE_OF = "llmserve-multiple-of"
+MAX_DIVISOR = 1000  # remainders, one grammar rule each
+MAX_MULTIPLES = 256  # bounded multiples written out as an enum
 # Bounds the grammar cannot enforce: dropped without strict, refused with it.
 UNENFORCED = frozenset(
     {
@@ -169,6 +173,29 @@ def _has_type(value: Any, json_type: str) -> bool:
     return value is None if expected is None else isinstance(value, expected)
 
 
+def _bounded_multiples(schema: Mapping[str, Any]) -> list[int] | None:
+    """The multiples an integer schema's ``multipleOf`` and bounds allow, when the grammar enforces them
+    (as an enum, or, with no bounds, ``multiples``); None when it cannot."""
+    raw = schema.get("multipleOf", 0)
+    if schema.get("type") not in ("integer", ["integer"]) or not _has_type(raw, "integer"):
+        return None
+    divisor = int(raw)
+    if not 1 <= divisor <= MAX_DIVISOR:
+        return None
+    if not schema.keys() & INTEGER_BOUNDS:
+        return []
+    low, high = integer_bounds(*(schema.get(key) for key in BOUNDS))
+    if low is None or high is None or high - low > MAX_MULTIPLES * divisor:
+        return None
+    return list(range(-(-low // divisor) * divisor, high + 1, divisor))
+
+
+def _enforced(schema: Mapping[str, Any]) -> frozenset[str]:
+    """The keywords the grammar cannot enforce in general that it does enforce in this schema."""
+    enforced = INTEGER_BOUNDS if _enforced_bounds(schema) else frozenset()
+    return enforced | ({"multipleOf"} if _bounded_multiples(schema) is not None else set())
+
+
 def _enforced_bounds(schema: Mapping[str, Any]) -> bool:
     """Whether the grammar enforces this schema's bounds: an integer's always, a number's when they are
     integers (``"minimum": 0, "maximum": 1``, a score)."""
@@ -226,7 +253,7 @@ class _Walker:
         keys = set(schema)
         if unsupported := sorted(keys & UNSUPPORTED):
             raise UnsupportedSchema(f"{path}: {unsupported[0]!r} is not supported")
-        for keyword in sorted(keys & UNENFORCED - (INTEGER_BOUNDS if _enforced_bounds(schema) else frozenset())):
+        for keyword in sorted(keys & UNENFORCED - _enforced(schema)):
             self._unenforced(f"{path}: {keyword!r} cannot be enforced by the grammar, so strict does not allow it")
         constraints = keys & SUPPORTED - {"$defs", "definitions"}
         for combinator in ("$ref", "allOf", "anyOf", "oneOf"):
@@ -273,6 +300,12 @@ class _Walker:
             return self._array(schema, path)
         if json_type == "string":
             return self._string(schema, path)
+        if json_type == "integer" and (multiples_allowed := _bounded_multiples(schema)) is not None:
+            if multiples_allowed:
+                return {"enum": multiples_allowed}
+            if schema.keys() & INTEGER_BOUNDS:
+                raise UnsupportedSchema(f"{path}: no multiple of 'multipleOf' is within its bounds")
+            return {"type": "integer", MULTIPLE_OF: int(schema["multipleOf"])}
         if json_type == "integer" and schema.keys() & INTEGER_BOUNDS:
             low, high = integer_bounds(
                 *(schema.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
@@ -450,6 +483,14 @@ class GrammarBuilder(SchemaConverter):
             return self.rule(name or "root", f"( {integer_range(*schema[INTEGER_RANGE])} ) space")
         if NUMBER_RANGE in schema:
             return self.rule(name or "root", f"( {number_range(*schema[NUMBER_RANGE])} ) space")
+        if MULTIPLE_OF in schema:
+            top = self.reserve(name or "root")
+            names = [self.reserve(f"{top}-remainder-{r}") for r in range(schema[MULTIPLE_OF])]
+            body, bodies = multiples(schema[MULTIPLE_OF], names)
+            for rule_name, rule_body in zip(names, bodies, strict=True):
+                self.define(rule_name, rule_body)
+            self.define(top, f"( {body} ) space")
+            return top
         return str(super().visit(schema, name))
 
     def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
