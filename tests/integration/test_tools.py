@@ -235,6 +235,27 @@ def test_strict_json_schema_output_validates(client: openai.OpenAI, sampling: di
         Draft202012Validator(PERSON).validate(json.loads(choice.message.content))
 
 
+def test_strict_bounds_and_multiples_hold_in_sampled_output(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+            "team_size": {"type": "integer", "multipleOf": 5},
+            "rating": {"type": "integer", "minimum": 1, "maximum": 10, "multipleOf": 3},
+        },
+        "required": ["confidence", "team_size", "rating"],
+        "additionalProperties": False,
+    }
+    result = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Rate a restaurant."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "rating", "schema": schema, "strict": True}},
+        **{**GREEDY, "temperature": 1.0, "seed": 3, "n": 3},
+    )
+    for choice in result.choices:
+        assert choice.finish_reason == "stop"
+        Draft202012Validator(schema).validate(json.loads(choice.message.content or ""))
+
+
 def test_json_object_output_is_an_object(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
         messages=[{"role": "user", "content": 'Reply in JSON with one key, "answer": what is 2 + 2?'}],
