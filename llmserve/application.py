@@ -5,20 +5,23 @@ from __future__ import annotations
 from flask import Flask
 
 from llmserve import api, auth, errors, metrics, requestlog
+from llmserve.accounting import Accounting
 from llmserve.lifecycle import InFlight
+from llmserve.models.registry import ModelRegistry
 from llmserve.quotas import Quotas
-from llmserve.service import ModelService
+from llmserve.settings import EXTENSION as SETTINGS_EXTENSION
 from llmserve.settings import Settings, load_settings
 from llmserve.tenancy import Tenancy
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app. The model is not loaded here: ``ModelService.start`` does that in the worker."""
+    """Build the app. No model is loaded here: ``ModelRegistry.start`` does that in the worker."""
     settings = settings or load_settings()
     app = Flask("llmserve", static_folder=None)  # no static files: every route is an API route
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    app.extensions[SETTINGS_EXTENSION] = settings
     errors.init_app(app)
     requestlog.init_app(app)
     InFlight().init_app(app)
@@ -28,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     quotas = Quotas(settings)
     quotas.init_app(app)
     llm_metrics = metrics.init_app(app, settings)
-    ModelService(settings, llm_metrics, tenancy).init_app(app)
+    Accounting(settings, llm_metrics).init_app(app)
+    ModelRegistry(settings, llm_metrics, tenancy).init_app(app)
     api.init_app(app, quotas)
     return app

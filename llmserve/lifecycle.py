@@ -27,10 +27,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from flask import Flask, Response, g
+
+if TYPE_CHECKING:
+    from llmserve.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +74,14 @@ def drain_deadline(graceful_timeout: float) -> float:
     return time.monotonic() + max(0.0, graceful_timeout - DRAIN_MARGIN)
 
 
-def wait_until_ready(service: Any, worker: Any) -> None:
-    """Wait for this worker's engine, keeping gunicorn's heartbeat, then tell systemd it is ready."""
-    engine = service.engine
-    while worker.alive and engine.alive and not service.ready:
+def wait_until_ready(models: ModelRegistry, worker: Any) -> None:
+    """Wait for this worker's models to load, keeping gunicorn's heartbeat, then tell systemd it is ready."""
+    while worker.alive and models.loading:
         worker.notify()
         gevent.sleep(READY_POLL)
-    if service.ready:
-        notify("READY=1", f"STATUS=serving {service.model_id}")
+    if models.ready:
+        serving = ", ".join(model.id for model in models.models.values() if model.ready)
+        notify("READY=1", f"STATUS=serving {serving}")
 
 
 class InFlight:
@@ -115,16 +118,16 @@ class InFlight:
         self.count -= 1
 
 
-def handle_worker_term(worker: Any, service: Any, in_flight: InFlight, graceful_timeout: float) -> None:
+def handle_worker_term(worker: Any, models: ModelRegistry, in_flight: InFlight, graceful_timeout: float) -> None:
     """Start draining when gunicorn's worker is told to stop (it then stops accepting on its own), and
     leave as soon as every response has been sent."""
     stop_accepting = worker.handle_exit
 
     def on_term(signum: int, frame: FrameType | None) -> None:
-        if service.draining:
+        if models.draining:
             return  # a repeated signal (one sent to the whole process group) changes nothing
         stop_accepting(signum, frame)
-        service.drain(drain_deadline(graceful_timeout))
+        models.drain(drain_deadline(graceful_timeout))
         gevent.spawn(_exit_when_drained, in_flight)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -137,29 +140,31 @@ def _exit_when_drained(in_flight: InFlight) -> None:
     sys.exit(0)  # raised into the worker's main greenlet by gevent: gunicorn's own quick exit path
 
 
-def watch_engine(worker: Any, service: Any, timeout: float) -> None:
-    """Replace this worker when its engine cannot serve any more: /healthz already fails then, and a fresh
-    worker is the cure (under systemd nobody else would act).
+def watch_engines(worker: Any, models: ModelRegistry, timeout: float) -> None:
+    """Replace this worker when one of its engines cannot serve any more: /healthz already fails then, and
+    a fresh worker is the cure (under systemd nobody else would act).
 
     An engine that failed after it was ready (an error on its thread) leaves through the drain, so the
     errors its jobs got still reach their clients; one stalled with work pending for ``timeout`` seconds
     cannot be drained and leaves at once. An engine that never loaded its model stays as it is (a new
-    worker would fail the same way): /readyz says why.
+    worker would fail the same way) and the other models go on serving: /readyz says why.
     """
-    engine = service.engine
-    while worker.alive and engine.alive:
-        stalled = service.stalled_for()
-        if stalled > timeout:
-            log.error("engine stalled for %.1fs with work pending; replacing this worker", stalled)
-            service.metrics.worker_replacements.labels(service.model_id, "stalled").inc()
-            worker.alive = False
-            os.kill(os.getpid(), signal.SIGQUIT)  # gunicorn's quick stop; the arbiter starts a new worker
-            return
+    while worker.alive and any(model.engine.alive for model in models.models.values()):
+        for model in models.models.values():
+            stalled = model.stalled_for()
+            if stalled > timeout:
+                log.error("engine stalled for %.1fs with work pending (%s); replacing this worker", stalled, model.id)
+                models.metrics.worker_replacements.labels(model.id, "stalled").inc()
+                worker.alive = False
+                os.kill(os.getpid(), signal.SIGQUIT)  # gunicorn's quick stop; the arbiter starts a new worker
+                return
+            engine = model.engine
+            if engine.served and engine.failure is not None:
+                log.error("engine failed while serving (%s: %s); replacing this worker", model.id, engine.failure)
+                models.metrics.worker_replacements.labels(model.id, "failed").inc()
+                os.kill(os.getpid(), signal.SIGTERM)  # the drain: answers already failed are still sent
+                return
         gevent.sleep(min(1.0, timeout / 2))
-    if worker.alive and engine.served and engine.failure is not None:
-        log.error("engine failed while serving (%s); replacing this worker", engine.failure)
-        service.metrics.worker_replacements.labels(service.model_id, "failed").inc()
-        os.kill(os.getpid(), signal.SIGTERM)  # the drain: answers already failed are still sent
 
 
 def non_loopback_addresses(listeners: Iterable[Any]) -> list[str]:

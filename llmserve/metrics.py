@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
@@ -55,6 +55,7 @@ REJECTION_CODES = frozenset(
         "context_length_exceeded",
         "model_loading",
         "engine_unavailable",
+        "model_unavailable",
         "service_unavailable",
     }
 )
@@ -65,7 +66,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 # Between two tokens of one stream: a few milliseconds on a GPU, tens to hundreds on a small CPU.
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-GaugeMode = Literal["livesum", "max", "mostrecent"]
+GaugeMode = Literal["livesum", "max", "livemax", "mostrecent"]
 
 
 @dataclass
@@ -79,6 +80,7 @@ class LLMMetrics:
     kv_cells_used: Gauge
     kv_cells_total: Gauge
     model_load_seconds: Gauge
+    model_info: Gauge
     workers_alive: Gauge
     workers_expected: Gauge
     resident_memory: Gauge
@@ -122,6 +124,12 @@ class LLMMetrics:
             kv_cells_total=gauge("llmserve_kv_cells_total", "KV cache cells of the engines."),
             model_load_seconds=gauge(
                 "llmserve_model_load_seconds", "Seconds the model took to load and warm up.", mode="max"
+            ),
+            model_info=gauge(
+                "llmserve_model_info",
+                "1 for each model served and its version (the GGUF's sha256 prefix).",
+                ("model", "version"),
+                "livemax",
             ),
             workers_alive=gauge("llmserve_workers_alive", "Live gunicorn workers.", ()),
             workers_expected=gauge("llmserve_workers_expected", "Configured gunicorn workers.", (), mode="max"),
@@ -247,15 +255,20 @@ def init_app(app: Flask, settings: Settings) -> LLMMetrics:
     llm = LLMMetrics.create(registry)
     app.extensions[EXTENSION] = llm
     llm.workers_expected.set(settings.workers)
-    model = settings.model.id
 
     @app.after_request
     def _count_errors(response: Response) -> Response:
-        code = g.get("request_log", {}).get("error_code")
-        if code in REJECTION_CODES:
-            llm.rejections.labels(model, code).inc()
+        fields = g.get("request_log", {})
+        code = fields.get("error_code")
+        if code in REJECTION_CODES:  # labelled with the model once the request named one the server has
+            llm.rejections.labels(fields.get("model", ""), code).inc()
         if response.status_code >= 400 and request.path not in PROBE_PATHS:  # a 503 probe is no error
             llm.errors.labels(str(response.status_code), code or "unknown").inc()
         return response
 
     return llm
+
+
+def current_metrics() -> LLMMetrics:
+    metrics: LLMMetrics = current_app.extensions[EXTENSION]
+    return metrics

@@ -17,10 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from llmserve.engine.config import EngineConfig
 from llmserve.ledger.prices import PriceSettings
 from llmserve.ledger.settings import LedgerSettings
 
 CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
+EXTENSION = "llmserve.settings"  # where the app factory keeps the settings, for the request handlers
 ENV_PREFIX = "LLMSERVE_"
 
 
@@ -56,13 +58,23 @@ class TenantSettings(BaseModel):
     models: tuple[str, ...] = Field((), description="Model ids this tenant may use; empty: all.")
 
 
+EmbeddedModelName = Literal["gemma-3-270m", "smollm2-135m-instruct"]
+EMBEDDED_MODELS: tuple[EmbeddedModelName, ...] = ("gemma-3-270m", "smollm2-135m-instruct")
+MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+# The fields that say which model a [model] table is, rather than how to serve it.
+IDENTITY_FIELDS = frozenset({"id", "path", "embedded"})
+
+
 class ModelSettings(BaseModel):
-    """One GGUF model served by the engine."""
+    """One GGUF model, served by an engine of its own in each worker."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: str = Field("gemma-3-270m", min_length=1, max_length=128, description="Model id clients send.")
-    path: Path | None = Field(None, description="GGUF file; empty serves the embedded Gemma 3 270M.")
+    id: str = Field("gemma-3-270m", pattern=MODEL_ID, description="Model id clients send.")
+    path: Path | None = Field(None, description="GGUF file; empty serves an embedded model.")
+    embedded: EmbeddedModelName | None = Field(
+        None, description="Embedded model to serve when no path is given; empty: gemma-3-270m."
+    )
     chat_format: Literal["auto", "gguf", "gemma", "chatml"] = Field(
         "auto", description="Chat turn format: the GGUF's template, or a named family format."
     )
@@ -81,12 +93,26 @@ class ModelSettings(BaseModel):
 
     @model_validator(mode="after")
     def _every_slot_fits_a_step(self) -> ModelSettings:
+        if self.path is not None and self.embedded is not None:
+            raise ValueError(f"model {self.id!r}: set path or embedded, not both")
         if self.batch_tokens < self.parallel:
             raise ValueError(
                 f"batch_tokens ({self.batch_tokens}) must be at least parallel ({self.parallel}): "
                 "each step decodes one token of every slot"
             )
         return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            id=self.id,
+            parallel=self.parallel,
+            context_length=self.context_length,
+            batch_tokens=self.batch_tokens,
+            threads=self.threads,
+            gpu_layers=self.gpu_layers,
+            embeddings=self.embeddings,
+            embedding_context=self.embedding_context,
+        )
 
 
 def keyless_refusal(address: str) -> str:
@@ -121,7 +147,15 @@ class Settings(BaseSettings):
         "json", description="json: one JSON object per line; text: for a terminal."
     )
     log_prompts: bool = Field(False, description="Log prompts and outputs (off: they may hold personal data).")
-    model: ModelSettings = Field(default_factory=ModelSettings, description="The model to serve.")
+    model: ModelSettings = Field(
+        default_factory=ModelSettings,
+        description="With [models.NAME] tables: defaults for every model. Alone: the one model served when it "
+        "sets path, embedded or id; else its fields apply to every embedded model, all of which are served.",
+    )
+    models: dict[str, ModelSettings] = Field(
+        default_factory=dict,
+        description="The models served, by the id clients send; none configured: see model.",
+    )
     state_dir: Path = Field(
         default_factory=_default_state_dir, description="Durable state: API keys, the usage ledger."
     )
@@ -185,8 +219,41 @@ class Settings(BaseSettings):
 
     @property
     def oversubscribed(self) -> bool:
-        """More decode threads in all workers together than CPUs: they then slow each other down."""
-        return self.workers * self.model.threads > available_cpus()
+        """More decode threads in all workers together than CPUs: they then slow each other down. A
+        worker's models take turns to decode, so a worker needs the threads of its largest model."""
+        return self.workers * max(model.threads for model in self.models.values()) > available_cpus()
+
+    @model_validator(mode="after")
+    def _serve_the_configured_models(self) -> Settings:
+        """Fill ``models`` with the set served: the [models.NAME] tables, each over the [model] defaults; or
+        the one model a [model] table names (its path, embedded model or id); or every embedded model."""
+        defaults = {name: getattr(self.model, name) for name in self.model.model_fields_set - IDENTITY_FIELDS}
+        names_a_model = bool(self.model.model_fields_set & IDENTITY_FIELDS)
+        if self.models:
+            if names_a_model:
+                raise ValueError(
+                    "model.id, model.path and model.embedded name the single model served; with [models.NAME] "
+                    "tables set them in those tables ([model] then holds defaults for every model)"
+                )
+            served = {}
+            for name, entry in self.models.items():
+                if "id" in entry.model_fields_set and entry.id != name:
+                    raise ValueError(f"models.{name}.id is {entry.id!r}: a model's id is its table's name")
+                own = {field: getattr(entry, field) for field in entry.model_fields_set}
+                try:
+                    served[name] = ModelSettings(**{**defaults, **own, "id": name})
+                except ValidationError as exc:  # each part was valid alone: say which model the whole is
+                    problems = "; ".join(error["msg"] for error in exc.errors())
+                    raise ValueError(f"models.{name} with the [model] defaults: {problems}") from None
+        elif names_a_model:
+            served = {self.model.id: self.model}
+        else:
+            served = {name: ModelSettings(**defaults, id=name, embedded=name) for name in EMBEDDED_MODELS}
+        for name in served:
+            if not re.match(MODEL_ID, name):
+                raise ValueError(f"model name {name!r} must match {MODEL_ID}")
+        object.__setattr__(self, "models", served)  # frozen: the set is settled here, once
+        return self
 
     @model_validator(mode="after")
     def _keys_guard_public_addresses(self) -> Settings:

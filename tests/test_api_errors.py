@@ -10,6 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from llmserve.engine.engine import EngineState
+from llmserve.models.registry import EXTENSION as MODELS
 
 MODEL = "gemma-3-270m"
 
@@ -194,21 +195,37 @@ def test_valid_request_while_the_model_loads_is_503_with_retry_after(client: Fla
 
 def test_a_request_to_a_worker_whose_engine_failed_is_told_to_retry(client: FlaskClient) -> None:
     """Not "loading": the worker is being replaced, and the retry may reach another one at once."""
-    engine = client.application.extensions["llmserve.service"].engine
+    engine = client.application.extensions[MODELS].models[MODEL].engine
     engine.served, engine.state = True, EngineState.FAILED
     response = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert_openai_error(response, 503, code="engine_unavailable")
     assert response.headers["Retry-After"] == "1"
 
 
-def test_readiness_is_503_until_the_model_is_loaded(client: FlaskClient) -> None:
+def test_a_model_that_failed_to_load_is_unavailable_and_says_so(client: FlaskClient) -> None:
+    engine = client.application.extensions[MODELS].models[MODEL].engine
+    engine.state, engine.failure = EngineState.FAILED, "llama.cpp could not load /models/broken.gguf"
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert_openai_error(response, 503, code="model_unavailable")
+    body = client.get("/readyz").get_json()
+    assert body["models"][MODEL] == {"status": "failed", "version": None, "error": engine.failure}
+    assert body["models"]["smollm2-135m-instruct"]["status"] == "starting"
+
+
+def test_readiness_is_503_until_the_models_are_loaded(client: FlaskClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.get_json()["status"] == "starting"
+    body = response.get_json()
+    assert body["status"] == "loading"
+    assert {model: view["status"] for model, view in body["models"].items()} == {
+        MODEL: "starting",
+        "smollm2-135m-instruct": "starting",
+    }
 
 
 def test_models_are_listed_without_loading(client: FlaskClient) -> None:
-    assert client.get("/v1/models").get_json()["data"][0]["id"] == MODEL
+    listed = [card["id"] for card in client.get("/v1/models").get_json()["data"]]
+    assert listed == [MODEL, "smollm2-135m-instruct"]
 
 
 def test_request_ids_are_echoed_or_generated(client: FlaskClient) -> None:

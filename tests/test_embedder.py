@@ -15,7 +15,7 @@ import pytest
 
 from llmserve.engine.embedder import BATCH_TOKENS, Embedder
 from llmserve.engine.llama_model import LlamaModel
-from llmserve.model_files import resolve_model_path
+from llmserve.models.files import locate
 from llmserve.settings import ModelSettings
 
 LONG = "The quick brown fox jumps over the lazy dog, and the dog does not mind at all. " * 10
@@ -24,13 +24,13 @@ TEXTS = ["a red apple", LONG, "x"]
 
 @pytest.fixture(scope="module")
 def model_path() -> Path:
-    return resolve_model_path(ModelSettings(), Path.home() / ".cache" / "llmserve")
+    return locate(ModelSettings(), Path.home() / ".cache" / "llmserve").path
 
 
 @pytest.fixture(scope="module")
 def embedder(model_path: Path) -> Iterator[tuple[Embedder, LlamaModel]]:
     model = LlamaModel(str(model_path), gpu_layers=0)
-    embedder = Embedder(model, ModelSettings(threads=2))
+    embedder = Embedder(model, ModelSettings(threads=2).engine_config())
     yield embedder, model
     embedder.close()
 

@@ -12,7 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from llmserve import lifecycle
-from llmserve.service import EXTENSION
+from llmserve.models.registry import EXTENSION
 
 
 def test_readiness_turns_503_once_draining(app: Flask, client: FlaskClient) -> None:

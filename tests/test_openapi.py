@@ -29,7 +29,7 @@ def test_request_bodies_are_the_models_the_views_parse(client: FlaskClient) -> N
     chat = document["components"]["schemas"]["ChatCompletionRequest"]
     assert chat["additionalProperties"] is False  # unknown parameters are refused, as the views refuse them
     assert set(chat["properties"]) == set(ChatCompletionRequest.model_fields)
-    assert chat["properties"]["model"]["enum"] == ["gemma-3-270m"]  # the models this server serves
+    assert chat["properties"]["model"]["enum"] == ["gemma-3-270m", "smollm2-135m-instruct"]  # the models served
     responses = document["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
     assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")

@@ -22,11 +22,52 @@ def clean_environment() -> Iterator[None]:
     os.environ.update(saved)
 
 
-def test_defaults_serve_the_embedded_model_on_loopback() -> None:
+def test_defaults_serve_every_embedded_model_on_loopback() -> None:
     settings = load_settings()
     assert settings.host == "127.0.0.1"
-    assert settings.model.path is None
-    assert settings.model.id == "gemma-3-270m"
+    assert {name: (model.id, model.embedded, model.path) for name, model in settings.models.items()} == {
+        "gemma-3-270m": ("gemma-3-270m", "gemma-3-270m", None),
+        "smollm2-135m-instruct": ("smollm2-135m-instruct", "smollm2-135m-instruct", None),
+    }
+
+
+def test_a_model_table_that_names_a_model_serves_only_it(tmp_path: Path) -> None:
+    config = tmp_path / "llmserve.toml"
+    config.write_text('[model]\nid = "mine"\npath = "/models/mine.gguf"\nparallel = 4\n')
+    [(name, model)] = load_settings(config).models.items()
+    assert (name, model.path, model.parallel) == ("mine", Path("/models/mine.gguf"), 4)
+
+
+def test_a_model_table_that_names_no_model_sets_defaults_for_every_model(tmp_path: Path) -> None:
+    config = tmp_path / "llmserve.toml"
+    config.write_text(
+        "[model]\ncontext_length = 1024\nparallel = 4\n"
+        '[models.chat]\nembedded = "smollm2-135m-instruct"\nparallel = 2\n'
+        '[models."base-v2"]\npath = "/models/base.gguf"\n'
+    )
+    models = load_settings(config).models
+    assert {name: (m.id, m.context_length, m.parallel) for name, m in models.items()} == {
+        "chat": ("chat", 1024, 2),  # its own table wins over the defaults
+        "base-v2": ("base-v2", 1024, 4),
+    }
+    config.write_text("[model]\nparallel = 3\n")
+    assert {model.parallel for model in load_settings(config).models.values()} == {3}  # both embedded models
+
+
+def test_models_tables_refuse_a_model_table_that_names_a_model(tmp_path: Path) -> None:
+    config = tmp_path / "llmserve.toml"
+    config.write_text('[model]\npath = "/models/a.gguf"\n[models.b]\npath = "/models/b.gguf"\n')
+    with pytest.raises(SettingsError, match=r"with \[models.NAME\] tables set them in those tables"):
+        load_settings(config)
+    config.write_text('[models.b]\nid = "c"\n')
+    with pytest.raises(SettingsError, match="a model's id is its table's name"):
+        load_settings(config)
+    config.write_text('[models.b]\npath = "/models/b.gguf"\nembedded = "gemma-3-270m"\n')
+    with pytest.raises(SettingsError, match="set path or embedded, not both"):
+        load_settings(config)
+    config.write_text("[model]\nparallel = 64\n[models.b]\nbatch_tokens = 32\n")
+    with pytest.raises(SettingsError, match=r"models.b with the \[model\] defaults: .*batch_tokens"):
+        load_settings(config)
 
 
 def test_environment_beats_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,11 +101,12 @@ def test_the_cpus_are_divided_among_the_workers_unless_threads_are_set(
     config = tmp_path / "llmserve.toml"
     config.write_text("workers = 3\n[model]\nparallel = 4\n")
     settings = load_settings(config)
-    assert settings.model.threads == 2 and not settings.oversubscribed
-    assert load_settings().model.threads == 8  # one worker: every CPU
+    assert {model.threads for model in settings.models.values()} == {2} and not settings.oversubscribed
+    assert {model.threads for model in load_settings().models.values()} == {8}  # one worker: every CPU
     monkeypatch.setenv("LLMSERVE_MODEL__THREADS", "4")
     settings = load_settings(config)
-    assert settings.model.threads == 4 and settings.oversubscribed  # said so: kept, and warned about at start
+    # Said so: kept, and warned about at start.
+    assert {model.threads for model in settings.models.values()} == {4} and settings.oversubscribed
 
 
 def test_a_step_must_fit_one_token_of_every_slot(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from llmserve.tenancy import Tenant
 MODEL = "gemma-3-270m"
 TENANTS = {
     "alpha": TenantSettings(weight=3, requests_per_minute=2),
-    "beta": TenantSettings(models=("another-model",)),
+    "beta": TenantSettings(models=("smollm2-135m-instruct",)),
 }
 
 
@@ -103,11 +103,15 @@ def test_probes_and_metrics_need_no_key(client: FlaskClient) -> None:
 def test_a_tenant_sees_only_the_models_it_may_use(client: FlaskClient, store: KeyStore) -> None:
     _, alpha = store.create("alpha")
     _, beta = store.create("beta")
-    assert [m["id"] for m in client.get("/v1/models", headers=bearer(alpha)).json["data"]] == [MODEL]
-    assert client.get("/v1/models", headers=bearer(beta)).json["data"] == []
-    response = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers=bearer(beta))
-    assert response.status_code == 404
-    assert response.json["error"]["code"] == "model_not_found"
+    listed = [m["id"] for m in client.get("/v1/models", headers=bearer(alpha)).json["data"]]
+    assert listed == [MODEL, "smollm2-135m-instruct"]
+    assert [m["id"] for m in client.get("/v1/models", headers=bearer(beta)).json["data"]] == ["smollm2-135m-instruct"]
+    for response in (
+        client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers=bearer(beta)),
+        client.get(f"/v1/models/{MODEL}", headers=bearer(beta)),
+    ):
+        assert response.status_code == 404
+        assert response.json["error"]["code"] == "model_not_found"
 
 
 def test_admin_endpoints_need_the_admin_key(client: FlaskClient, store: KeyStore) -> None:

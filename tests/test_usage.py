@@ -15,8 +15,11 @@ import pytest
 from click.testing import CliRunner
 from flask import Flask, g
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
-from llmserve.accounting import Accounting, end_of_error, end_of_generation, ledger_request_id
+from llmserve.accounting import EXTENSION as ACCOUNTING
+from llmserve.accounting import Accounting, Origin, end_of_error, end_of_generation
+from llmserve.api.request import ledger_request_id
 from llmserve.api.runner import EngineTime
 from llmserve.application import create_app
 from llmserve.cli import main
@@ -36,10 +39,8 @@ from llmserve.ledger.owner import JOBS_LOCK, OwnerLock
 from llmserve.ledger.prices import ModelPrice, PriceSettings
 from llmserve.ledger.report import parse_moment
 from llmserve.ledger.settings import LedgerSettings, default_url
-from llmserve.ledger.store import Ledger, open_ledger
-from llmserve.service import ModelService
+from llmserve.ledger.store import Ledger, open_ledger, usage_records
 from llmserve.settings import Settings, TenantSettings
-from llmserve.tenancy import Principal, Tenant
 from tests.ledger_support import T0, make_record, postgres_schema
 
 MODEL = "gemma-3-270m"
@@ -177,14 +178,11 @@ def priced_settings(tmp_path: Path) -> Settings:
 def test_a_record_waits_for_the_engine_time_then_reaches_the_ledger_priced(priced_settings: Settings) -> None:
     open_ledger(default_url(priced_settings.state_dir)).close()  # what the gunicorn master does
     app = create_app(priced_settings)
-    service: ModelService = app.extensions["llmserve.service"]
-    accounting = service.accounting
+    accounting: Accounting = app.extensions[ACCOUNTING]
     accounting.start()
     try:
-        with app.test_request_context("/v1/embeddings", method="POST"):
-            g.request_id, g.started = "req-slow", 0.0
-            g.principal = Principal(Tenant("default", TenantSettings()), key_id="k9")
-            accounting.record_embeddings(SlowWork(0.25), "default", prompt_tokens=500)
+        origin = Origin("req-slow", "k9", "embeddings", 0.0, MODEL, "a5fd3b62230a")
+        accounting.record_embeddings(SlowWork(0.25), "default", origin, prompt_tokens=500)
     finally:
         accounting.stop()  # waits for the record, then writes it
     ledger = Ledger.open(default_url(priced_settings.state_dir), migrate=False)
@@ -192,17 +190,18 @@ def test_a_record_waits_for_the_engine_time_then_reaches_the_ledger_priced(price
         [row] = ledger.query(group_by=None)
         assert (row["requests"], row["prompt_tokens"], row["engine_seconds"]) == (1, 500, 0.25)
         assert row["cost"] == pytest.approx(500 * 2.0 / 1000 + 0.25 * 10.0)
+        with ledger.engine.connect() as connection:
+            [record] = connection.execute(select(usage_records)).mappings()
+        assert (record["key_id"], record["model"], record["model_version"]) == ("k9", MODEL, "a5fd3b62230a")
     finally:
         ledger.close()
-    sample = service.metrics.cost.labels(MODEL, "default")._value.get()
+    sample = accounting.metrics.cost.labels(MODEL, "default")._value.get()
     assert sample == pytest.approx(3.5)
 
 
 def test_without_a_started_ledger_records_are_counted_but_not_stored(app: Flask) -> None:
-    accounting: Accounting = app.extensions["llmserve.service"].accounting
-    with app.test_request_context("/v1/embeddings", method="POST"):
-        g.request_id, g.started = "req-1", 0.0
-        accounting.record_embeddings(SlowWork(0.5), "default", prompt_tokens=10)
+    accounting: Accounting = app.extensions[ACCOUNTING]
+    accounting.record_embeddings(SlowWork(0.5), "default", Origin("req-1", None, "embeddings", 0.0, MODEL, None), 10)
     accounting.stop()
     assert accounting.ledger is None
     assert accounting.metrics.engine_seconds.labels(MODEL, "default")._value.get() == 0.5
@@ -225,7 +224,7 @@ def usage_app(tmp_path: Path) -> Iterator[tuple[FlaskClient, dict[str, str]]]:
     ledger.insert_many(
         [make_record(1, tenant="alpha"), make_record(2, tenant="alpha"), make_record(3, tenant="beta", model="other")]
     )
-    app.extensions["llmserve.service"].accounting.ledger = ledger
+    app.extensions[ACCOUNTING].ledger = ledger
     yield app.test_client(), keys
     ledger.close()
 

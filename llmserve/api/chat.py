@@ -10,12 +10,11 @@ from flask import Blueprint, Response
 
 from llmserve.api.chat_tools import CallStyle, ReplyFormat, chat_messages, reply_format
 from llmserve.api.openapi import EVENT_STREAM, GENERATION_ERRORS, JSON, Operation, documented
-from llmserve.api.request import build_choices, new_id, off_hub_if_large, parse_body, respond
+from llmserve.api.request import build_choices, new_id, off_hub_if_large, parse_body, requested_model, respond
 from llmserve.api.runner import Update
 from llmserve.api.schemas import ChatCompletionRequest
 from llmserve.engine.jobs import TokenLogprob
 from llmserve.engine.llama_model import Vocabulary
-from llmserve.service import current_service
 from llmserve.structured import ToolCallParser
 
 blueprint = Blueprint("chat", __name__)
@@ -159,14 +158,13 @@ def _choice(index: int, message: dict[str, Any], logprobs: Any, finish_reason: s
 )
 def create_chat_completion() -> Response:
     body = parse_body(ChatCompletionRequest)
-    service = current_service()
-    service.require_model(body.model)
+    model = requested_model(body.model)
     reply = off_hub_if_large(reply_format, body)  # tools and schemas are checked before any model work
     messages = chat_messages(body.messages, reply.tools_prompt)
-    prompt = service.tokenize(off_hub_if_large(service.render_chat, messages), add_special=False)
+    prompt = model.tokenize(off_hub_if_large(model.render_chat, messages), add_special=False)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     choices = build_choices(
-        service,
+        model,
         body,
         [tuple(prompt)],
         requested=body.output_limit,
@@ -174,5 +172,5 @@ def create_chat_completion() -> Response:
         top_logprobs=top_logprobs,
         grammar=reply.grammar,
     )
-    renderer = ChatRenderer(service.vocab, len(choices), body.logprobs, reply)
-    return respond(service, body, choices, renderer, new_id("chatcmpl"))
+    renderer = ChatRenderer(model.vocab, len(choices), body.logprobs, reply)
+    return respond(model, body, choices, renderer, new_id("chatcmpl"))

@@ -7,13 +7,13 @@ from typing import Any
 from flask import Blueprint, Response
 
 from llmserve.api.openapi import EVENT_STREAM, GENERATION_ERRORS, JSON, Operation, documented
-from llmserve.api.request import build_choices, new_id, parse_body, respond
+from llmserve.api.request import build_choices, new_id, parse_body, requested_model, respond
 from llmserve.api.runner import Update
 from llmserve.api.schemas import CompletionRequest
 from llmserve.engine.jobs import TokenLogprob
 from llmserve.engine.llama_model import Vocabulary
 from llmserve.errors import InvalidRequest
-from llmserve.service import ModelService, current_service
+from llmserve.models.served import ServedModel
 
 blueprint = Blueprint("completions", __name__)
 
@@ -73,12 +73,12 @@ class CompletionRenderer:
         }
 
 
-def _tokenized_prompts(service: ModelService, prompts: list[str | list[int]]) -> list[tuple[int, ...]]:
-    vocab = service.vocab
+def _tokenized_prompts(model: ServedModel, prompts: list[str | list[int]]) -> list[tuple[int, ...]]:
+    vocab = model.vocab
     tokenized = []
     for number, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            tokens = service.tokenize(prompt, add_special=True)
+            tokens = model.tokenize(prompt, add_special=True)
             if not tokens:
                 raise InvalidRequest("The prompt is empty.", param="prompt")
         else:
@@ -96,13 +96,12 @@ def _tokenized_prompts(service: ModelService, prompts: list[str | list[int]]) ->
 )
 def create_completion() -> Response:
     body = parse_body(CompletionRequest)
-    service = current_service()
-    service.require_model(body.model)
+    model = requested_model(body.model)
     if body.echo and body.logprobs is not None:
         raise InvalidRequest("echo cannot be combined with logprobs on this server", param="echo")
-    prompts = _tokenized_prompts(service, body.prompt)
+    prompts = _tokenized_prompts(model, body.prompt)
     choices = build_choices(
-        service,
+        model,
         body,
         prompts,
         requested=body.max_tokens,
@@ -111,7 +110,7 @@ def create_completion() -> Response:
     )
     echoes = [""] * len(choices)
     if body.echo:
-        texts = [p if isinstance(p, str) else service.vocab.detokenize(list(p)) for p in body.prompt]
+        texts = [p if isinstance(p, str) else model.vocab.detokenize(list(p)) for p in body.prompt]
         echoes = [texts[i // body.n] for i in range(len(choices))]
-    renderer = CompletionRenderer(service.vocab, echoes, body.logprobs is not None)
-    return respond(service, body, choices, renderer, new_id("cmpl"))
+    renderer = CompletionRenderer(model.vocab, echoes, body.logprobs is not None)
+    return respond(model, body, choices, renderer, new_id("cmpl"))

@@ -8,8 +8,9 @@ import time
 import numpy as np
 from flask import Blueprint, Response, g, jsonify
 
+from llmserve.accounting import current_accounting
 from llmserve.api.openapi import GENERATION_ERRORS, Operation, documented
-from llmserve.api.request import parse_body
+from llmserve.api.request import origin_of, parse_body, requested_model, server_settings
 from llmserve.api.runner import EngineTime, rejection_error
 from llmserve.api.schemas import EmbeddingRequest
 from llmserve.engine.engine import Engine
@@ -17,7 +18,6 @@ from llmserve.engine.jobs import Admitted, Embeddings, EmbeddingSpec, Finished, 
 from llmserve.engine.stream import EventStream
 from llmserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, QueueTimeout
 from llmserve.quotas import current_quotas
-from llmserve.service import current_service
 from llmserve.tenancy import current_tenant
 
 blueprint = Blueprint("embeddings", __name__)
@@ -33,15 +33,14 @@ def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
 @documented(Operation("Create embeddings", body=EmbeddingRequest, errors=GENERATION_ERRORS))
 def create_embeddings() -> Response:
     body = parse_body(EmbeddingRequest)
-    service = current_service()
-    service.require_model(body.model)
-    if not service.settings.model.embeddings:
-        raise InvalidRequest(f"The model `{service.model_id}` does not serve embeddings.", param="model")
-    vocab = service.vocab
-    limit = service.settings.model.embedding_context
+    model = requested_model(body.model)
+    if not model.settings.embeddings:
+        raise InvalidRequest(f"The model `{model.id}` does not serve embeddings.", param="model")
+    vocab = model.vocab
+    limit = model.settings.embedding_context
     inputs = []
     for number, item in enumerate(body.input):
-        tokens = service.tokenize(item, add_special=True) if isinstance(item, str) else item
+        tokens = model.tokenize(item, add_special=True) if isinstance(item, str) else item
         if len(tokens) > limit:
             raise ContextLengthExceeded(
                 f"Input {number} is {len(tokens)} tokens long; this model embeds at most {limit} tokens.",
@@ -53,15 +52,16 @@ def create_embeddings() -> Response:
     prompt_tokens = sum(len(tokens) for tokens in inputs)
     tenant = current_tenant()
     reservation = current_quotas().reserve_tokens(tenant, prompt_tokens, needed=prompt_tokens)
-    run = EmbeddingRun(service.engine, EmbeddingSpec(tuple(inputs)), tenant.name)
+    accounting, origin = current_accounting(), origin_of(model)
+    run = EmbeddingRun(model.engine, EmbeddingSpec(tuple(inputs)), tenant.name)
     try:
-        vectors = run.vectors(service.settings.queue_timeout)
+        vectors = run.vectors(server_settings().queue_timeout)
     except BaseException as exc:
         current_quotas().settle(reservation, 0)
-        service.accounting.record_embeddings(run, tenant.name, prompt_tokens, exc)
+        accounting.record_embeddings(run, tenant.name, origin, prompt_tokens, exc)
         raise
-    service.accounting.record_embeddings(run, tenant.name, prompt_tokens)
-    g.request_log.update(tenant=tenant.name, model=service.model_id, prompt_tokens=prompt_tokens)
+    accounting.record_embeddings(run, tenant.name, origin, prompt_tokens)
+    g.request_log.update(tenant=tenant.name, model_version=model.version, prompt_tokens=prompt_tokens)
     return jsonify(
         {
             "object": "list",
@@ -69,7 +69,7 @@ def create_embeddings() -> Response:
                 {"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)}
                 for i, v in enumerate(vectors)
             ],
-            "model": service.model_id,
+            "model": model.id,
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
     )

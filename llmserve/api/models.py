@@ -1,4 +1,4 @@
-"""GET /v1/models and /v1/models/{id}."""
+"""GET /v1/models and /v1/models/{id}: the models this key may use, as OpenAI's model objects."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from llmserve.api.openapi import Operation, documented
-from llmserve.service import ModelService, current_service
+from llmserve.models.registry import current_registry
+from llmserve.models.served import ServedModel
 
 blueprint = Blueprint("models", __name__)
 
@@ -15,21 +16,17 @@ blueprint = Blueprint("models", __name__)
 _CREATED = 1_735_689_600
 
 
-def _model_card(service: ModelService) -> dict[str, Any]:
-    return {"id": service.model_id, "object": "model", "created": _CREATED, "owned_by": "llmserve"}
+def _model_card(model: ServedModel) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": _CREATED, "owned_by": "llmserve"}
 
 
 @blueprint.get("/v1/models")
 @documented(Operation("List the models this key may use"))
 def list_models() -> Response:
-    service = current_service()
-    visible = [_model_card(service)] if service.visible_to_caller(service.model_id) else []
-    return jsonify({"object": "list", "data": visible})
+    return jsonify({"object": "list", "data": [_model_card(model) for model in current_registry().visible()]})
 
 
 @blueprint.get("/v1/models/<path:model_id>")
 @documented(Operation("Describe one model", errors=(404,)))
 def retrieve_model(model_id: str) -> Response:
-    service = current_service()
-    service.require_model(model_id)
-    return jsonify(_model_card(service))
+    return jsonify(_model_card(current_registry().get(model_id)))

@@ -22,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 from werkzeug.routing import Rule
 
 from llmserve.auth import OPENAPI_PATH
-from llmserve.service import current_service
+from llmserve.models.registry import current_registry
 from llmserve.tenancy import current_tenancy
 
 blueprint = Blueprint("openapi", __name__)
@@ -199,6 +199,6 @@ def openapi_document() -> Response:
     document = current_app.extensions.get("llmserve.openapi")
     if document is None:
         keyed = current_tenancy().keyless is None
-        document = build_document(current_app, keyed, [current_service().model_id])
+        document = build_document(current_app, keyed, list(current_registry().models))
         current_app.extensions["llmserve.openapi"] = document
     return jsonify(document)

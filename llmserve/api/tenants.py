@@ -1,6 +1,7 @@
 """GET /v1/tenants/me (a tenant's own limits and usage) and GET /v1/tenants (all of them, admin only).
 
-Running and queued counts are this worker's engine; quota counts are shared when quotas live in Redis.
+Running and queued counts are this worker's engines, summed over its models; quota counts are shared
+when quotas live in Redis.
 """
 
 from __future__ import annotations
@@ -10,21 +11,21 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from llmserve.api.openapi import Operation, documented
+from llmserve.models.registry import current_registry
 from llmserve.quotas import current_quotas
-from llmserve.service import current_service
 from llmserve.tenancy import Tenant, current_tenancy, current_tenant, require_admin
 
 blueprint = Blueprint("tenants", __name__)
 
 
 def _view(tenant: Tenant) -> dict[str, Any]:
-    load = current_service().engine.stats().tenants.get(tenant.name)
+    loads = [model.engine.stats().tenants.get(tenant.name) for model in current_registry().models.values()]
     return {
         "object": "tenant",
         "id": tenant.name,
         **tenant.limits.model_dump(mode="json"),
-        "running": load.running if load else 0,
-        "queued": load.queued if load else 0,
+        "running": sum(load.running for load in loads if load),
+        "queued": sum(load.queued for load in loads if load),
         "quota_remaining": current_quotas().remaining(tenant),
     }
 

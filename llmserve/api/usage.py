@@ -18,12 +18,12 @@ import gevent
 from flask import Blueprint, Response, jsonify, request
 from pydantic import Field, ValidationError
 
+from llmserve.accounting import current_accounting
 from llmserve.api.openapi import Operation, documented
 from llmserve.api.schemas import StrictModel
 from llmserve.errors import InvalidRequest, NotFound, PermissionDenied, from_validation_error
 from llmserve.ledger.report import format_moment, parse_moment
 from llmserve.ledger.store import SUMS
-from llmserve.service import current_service
 from llmserve.tenancy import current_principal
 
 blueprint = Blueprint("usage", __name__)
@@ -79,7 +79,7 @@ def usage() -> Response:
     if since is not None and until is not None and since >= until:
         raise InvalidRequest("start must be before end.", param="start")
     tenant = _visible_tenant(query.tenant)
-    ledger = current_service().accounting.ledger
+    ledger = current_accounting().ledger
     if ledger is None:
         raise NotFound("This server keeps no usage ledger (ledger.enabled is off).")
     rows = gevent.get_hub().threadpool.apply(

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from llmserve.engine.config import EngineConfig
 from llmserve.engine.jobs import Admitted, Embeddings, EmbeddingSpec, Finished, FinishReason, Job
-from llmserve.engine.llama_model import LlamaContext, LlamaModel
+from llmserve.engine.llama_model import DecodeGate, LlamaContext, LlamaModel
 from llmserve.engine.stats import StatsRecorder
-from llmserve.settings import ModelSettings
 from scheduler import FairScheduler
 
 BATCH_TOKENS = 64
@@ -28,14 +28,15 @@ MAX_SEQUENCES_PER_DECODE = 16
 
 
 class Embedder:
-    def __init__(self, model: LlamaModel, settings: ModelSettings) -> None:
+    def __init__(self, model: LlamaModel, config: EngineConfig, decode_gate: DecodeGate | None = None) -> None:
         self._context = LlamaContext(
             model,
             # The input begun by the last decode, plus the rest of this decode's batch.
-            n_ctx=settings.embedding_context + BATCH_TOKENS,
+            n_ctx=config.embedding_context + BATCH_TOKENS,
             n_batch=BATCH_TOKENS,
             n_seq_max=MAX_SEQUENCES_PER_DECODE,
-            threads=settings.threads,
+            threads=config.threads,
+            decode_gate=decode_gate,
             embeddings=True,
             unified_kv=True,
         )

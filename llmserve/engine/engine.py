@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from gevent import monkey
 
+from llmserve.engine.config import EngineConfig
 from llmserve.engine.distribution import SamplingError, Scratch
 from llmserve.engine.embedder import Embedder, EmbeddingLane
 from llmserve.engine.grammar import GrammarError
@@ -36,11 +37,10 @@ from llmserve.engine.jobs import (
     RejectReason,
     Token,
 )
-from llmserve.engine.llama_model import LlamaContext, LlamaError, LlamaModel, Vocabulary
+from llmserve.engine.llama_model import DecodeGate, LlamaContext, LlamaError, LlamaModel, Vocabulary
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
 from llmserve.engine.slots import Fed, Slot, charge_step, common_prefix
 from llmserve.engine.stats import EngineStats, StatsRecorder, StepSample, TenantLoad
-from llmserve.settings import ModelSettings
 from scheduler import DrainRate, FairScheduler, MonotonicClock, QueueFullError, TenantQueueFullError, TenantShare
 from scheduler.fair import Policy
 
@@ -75,15 +75,17 @@ class Engine:
 
     def __init__(
         self,
-        model_settings: ModelSettings,
+        config: EngineConfig,
         model_path: Callable[[], Path],
         *,
         queue_size: int,
         queue_timeout: float,
         shares: Mapping[str, TenantShare],
         policy: Policy = "fair",
+        decode_gate: DecodeGate | None = None,
     ) -> None:
-        self.settings = model_settings
+        self.config = config
+        self._decode_gate = decode_gate
         self._model_path = model_path  # resolved on the engine thread: assembling a GGUF takes seconds
         self._queue_timeout = queue_timeout
         self._inbox: _queue.SimpleQueue[Job | None] = _queue.SimpleQueue()
@@ -96,8 +98,8 @@ class Engine:
         embed_scheduler.configure(shares)
         self._drain = DrainRate(self._clock)
         self._tenant_drain: dict[str, DrainRate] = {}
-        self._slots = [Slot(i) for i in range(model_settings.parallel)]
-        self._stats = StatsRecorder(model_settings.parallel)
+        self._slots = [Slot(i) for i in range(config.parallel)]
+        self._stats = StatsRecorder(config.parallel)
         self._embeddings = EmbeddingLane(embed_scheduler, self._stats, self._record_finished)
         self._stopping = False
         self._drain_deadline: float | None = None
@@ -171,32 +173,33 @@ class Engine:
         try:
             self.state = EngineState.LOADING
             started = time.monotonic()
-            self.model = LlamaModel(self._model_path(), gpu_layers=self.settings.gpu_layers)
+            self.model = LlamaModel(self._model_path(), gpu_layers=self.config.gpu_layers)
             self.vocab = self.model.vocab
             context = LlamaContext(
                 self.model,
-                n_ctx=self.settings.context_length * self.settings.parallel,
-                n_batch=self.settings.batch_tokens,
-                n_seq_max=self.settings.parallel,
-                threads=self.settings.threads,
+                n_ctx=self.config.context_length * self.config.parallel,
+                n_batch=self.config.batch_tokens,
+                n_seq_max=self.config.parallel,
+                threads=self.config.threads,
+                decode_gate=self._decode_gate,
             )
-            if self.settings.embeddings:
-                embedder = Embedder(self.model, self.settings)
+            if self.config.embeddings:
+                embedder = Embedder(self.model, self.config, self._decode_gate)
             self._warm_up(context, embedder)
             self._stats.model_load_seconds = time.monotonic() - started
             log.info(
                 "engine %s: ready in %.1fs (%d slots x %d tokens)",
-                self.settings.id,
+                self.config.id,
                 self._stats.model_load_seconds,
-                self.settings.parallel,
-                self.settings.context_length,
+                self.config.parallel,
+                self.config.context_length,
             )
             self.state = EngineState.READY
             self.served = True
             self._loop(context, embedder)
             self.state = EngineState.STOPPED
         except Exception as exc:
-            log.exception("engine %s: failed", self.settings.id)
+            log.exception("engine %s: failed", self.config.id)
             self.failure = str(exc)
             self.state = EngineState.FAILED
         finally:
@@ -492,7 +495,7 @@ class Engine:
     def _decode_one_by_one(self, context: LlamaContext, fed: Sequence[Fed], error: LlamaError) -> None:
         """A decode failed, and llama.cpp does not say for which sequence's input: undo the step and decode
         each sequence's part alone, so that only the sequences whose own decode fails end (with an error)."""
-        log.warning("engine %s: %s; decoding its %d sequences one by one", self.settings.id, error, len(fed))
+        log.warning("engine %s: %s; decoding its %d sequences one by one", self.config.id, error, len(fed))
         for entry in fed:
             self._undo(context, entry)
         for entry in fed:
@@ -502,7 +505,7 @@ class Engine:
             try:
                 context.decode()
             except LlamaError as own:
-                log.error("engine %s: job %d stopped: %s", self.settings.id, entry.job.id, own)
+                log.error("engine %s: job %d stopped: %s", self.config.id, entry.job.id, own)
                 self._undo(context, entry)
                 if entry.slot.job is entry.job:
                     self._retire(entry.slot, FinishReason.ERROR)
@@ -537,7 +540,7 @@ class Engine:
             try:
                 token = slot.sampler.sample(logits)
             except (GrammarError, SamplingError) as exc:  # this sequence's own row: it alone ends
-                log.error("engine %s: job %d stopped: %s", self.settings.id, slot.job.id, exc)
+                log.error("engine %s: job %d stopped: %s", self.config.id, slot.job.id, exc)
                 self._retire(slot, FinishReason.ERROR)
                 return
         logprob = None
@@ -550,7 +553,7 @@ class Engine:
         self._tell(slot.job, Token(token, logprob))
         if self.vocab.is_end_of_generation(token):
             self._retire(slot, FinishReason.STOP)
-        elif slot.generated >= slot.spec.max_tokens or len(slot.cached) + 1 >= self.settings.context_length:
+        elif slot.generated >= slot.spec.max_tokens or len(slot.cached) + 1 >= self.config.context_length:
             self._retire(slot, FinishReason.LENGTH)
 
     def _retire(self, slot: Slot, reason: FinishReason) -> None:

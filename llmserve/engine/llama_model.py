@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp as lc
 import numpy as np
@@ -20,6 +23,12 @@ log = logging.getLogger(__name__)
 # llama-cpp-python prints llama.cpp's log to stderr unless its logger says otherwise.
 logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
 lc.llama_backend_init()
+
+
+# Held by every context of a process while it decodes (several models' engines share one): ggml's
+# threads spin-wait for each other at every operation, so two decodes at once on the same CPUs slow both
+# many times over, where taking turns costs each only the other's step. A native lock, never a gevent one.
+DecodeGate = AbstractContextManager[Any]
 
 
 class LlamaError(Exception):
@@ -99,14 +108,63 @@ class LlamaModel:
         self.embedding_size = lc.llama_model_n_embd(self.pointer)
 
     def metadata(self, key: str) -> str | None:
-        buffer = ctypes.create_string_buffer(1 << 16)
-        length = lc.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
-        if length < 0:
-            return None
-        if length >= len(buffer):
-            buffer = ctypes.create_string_buffer(length + 1)
-            lc.llama_model_meta_val_str(self.pointer, key.encode(), buffer, len(buffer))
-        return buffer.value.decode("utf-8", errors="replace")
+        return _metadata(self.pointer, key)
+
+
+def _metadata(model: lc.llama_model_p, key: str) -> str | None:
+    buffer = ctypes.create_string_buffer(1 << 16)
+    length = lc.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
+    if length < 0:
+        return None
+    if length >= len(buffer):
+        buffer = ctypes.create_string_buffer(length + 1)
+        lc.llama_model_meta_val_str(model, key.encode(), buffer, len(buffer))
+    return buffer.value.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's memory needs depend on, read from its GGUF without loading the weights."""
+
+    file_bytes: int
+    layers: int
+    kv_heads: int
+    key_length: int  # per head
+    value_length: int
+    vocab_size: int
+
+
+def read_shape(path: Path) -> ModelShape:
+    """The shape of the GGUF at ``path``, from its metadata: llama.cpp reads only that and the vocabulary
+    (which leaves the model's own hyperparameters unset, so they are read as metadata too)."""
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    pointer = lc.llama_model_load_from_file(str(path).encode(), params)
+    if not pointer:
+        raise LlamaError(f"llama.cpp could not read {path}")
+    try:
+        architecture = _metadata(pointer, "general.architecture") or ""
+
+        def number(key: str, default: int | None = None) -> int:
+            value = _metadata(pointer, f"{architecture}.{key}")
+            if value is not None and value.isdigit():
+                return int(value)
+            if default is None:
+                raise LlamaError(f"{path} has no {architecture}.{key}")
+            return default  # absent, or a per-layer array: the model-wide value stands in
+
+        heads = number("attention.head_count")
+        head_size = number("embedding_length") // max(1, heads)
+        return ModelShape(
+            file_bytes=path.stat().st_size,
+            layers=number("block_count"),
+            kv_heads=number("attention.head_count_kv", heads),
+            key_length=number("attention.key_length", head_size),
+            value_length=number("attention.value_length", head_size),
+            vocab_size=lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(pointer)),
+        )
+    finally:
+        lc.llama_model_free(pointer)
 
 
 class LlamaContext:
@@ -122,6 +180,7 @@ class LlamaContext:
         threads: int,
         embeddings: bool = False,
         unified_kv: bool = False,
+        decode_gate: DecodeGate | None = None,
     ) -> None:
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -146,6 +205,7 @@ class LlamaContext:
         self.capacity = n_batch
         self.memory = lc.llama_get_memory(self.pointer)
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self._gate = decode_gate or nullcontext()
         self._size = 0
         self.outputs = 0  # entries of the batch that want logits; their rows follow batch order
 
@@ -173,7 +233,8 @@ class LlamaContext:
 
     def decode(self) -> None:
         self._batch.n_tokens = self._size
-        status = lc.llama_decode(self.pointer, self._batch)
+        with self._gate:
+            status = lc.llama_decode(self.pointer, self._batch)
         if status != 0:
             raise LlamaError(f"llama_decode failed with status {status} for {self._size} tokens")
 

@@ -37,6 +37,8 @@ class UsageRecord:
     status: int
     cost: float = 0.0
     price_version: str = ""
+    # The first 12 hex digits of the GGUF file's sha256: which build of ``model`` answered.
+    model_version: str | None = None
 
     def __post_init__(self) -> None:
         # Hours and days are UTC everywhere in the ledger; a naive time would land in the wrong bucket.

@@ -91,6 +91,7 @@ usage_records = Table(
     Column("status", Integer(), nullable=False),
     Column("cost", Double(), nullable=False),
     Column("price_version", String(64), nullable=False),
+    Column("model_version", String(64)),
     Index("ix_usage_records_tenant_started_at", "tenant", "started_at"),
     Index("ix_usage_records_started_at", "started_at"),
 )

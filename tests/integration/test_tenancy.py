@@ -66,7 +66,7 @@ def test_wrong_and_revoked_keys_get_401(tenant_server: Server, tenant_dir: Path)
     assert wrong.value.code == "invalid_api_key"
     key = create_key(tenant_dir, "gamma")
     client = client_for(tenant_server, key)
-    assert [model.id for model in client.models.list()] == [MODEL]
+    assert [model.id for model in client.models.list()] == [MODEL, "smollm2-135m-instruct"]
     key_id = key.removeprefix("sk-llmserve-").split("-")[0]
     revoke = [LLMSERVE, "keys", "revoke", "--config", str(tenant_dir / "llmserve.toml"), key_id]
     subprocess.run(revoke, check=True, capture_output=True, env=cli_env(tenant_dir))
@@ -95,8 +95,9 @@ def test_readiness_details_are_for_those_who_may_read_the_metrics(tenant_server:
     direct = httpx.get(f"{tenant_server.url}/readyz", timeout=5)
     proxied = httpx.get(f"{tenant_server.url}/readyz", headers={"X-Forwarded-For": "203.0.113.9"}, timeout=5)
     assert direct.status_code == proxied.status_code == 200
-    assert "alpha" in direct.json()["engine"]["tenants"]
-    assert proxied.json() == {"status": "ready", "model": MODEL}
+    assert "alpha" in direct.json()["models"][MODEL]["engine"]["tenants"]
+    version = direct.json()["models"][MODEL]["version"]
+    assert proxied.json()["models"][MODEL] == {"status": "ready", "version": version}
 
 
 def test_unused_reserved_tokens_are_given_back(tenant_server: Server, tenant_dir: Path) -> None:
@@ -136,8 +137,14 @@ def test_a_tenant_over_its_queue_cap_gets_429_while_others_are_served(tenant_ser
 def shared_quota_servers(tmp_path: Path) -> Iterator[Server]:
     redis.Redis.from_url(REDIS_URL).flushdb()
     config = "[tenants.alpha]\nrequests_per_minute = 4\n"
-    running = start_server(
-        tmp_path, config=config, workers="2", model__parallel="1", model__threads="1", rate_limit_storage=REDIS_URL
+    running = start_server(  # one model: the two workers' engines are the two "ready in" lines
+        tmp_path,
+        config=config,
+        workers="2",
+        model__id=MODEL,
+        model__parallel="1",
+        model__threads="1",
+        rate_limit_storage=REDIS_URL,
     )
     yield running
     stop_server(running)

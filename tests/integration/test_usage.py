@@ -506,9 +506,9 @@ def test_the_usage_report_cli_filters_like_the_api(deployment: Deployment) -> No
 
 
 def test_with_two_workers_exactly_one_runs_the_ledger_jobs(tmp_path: Path) -> None:
-    server = start_server(tmp_path, workers="2", model__parallel="2", model__threads="1")
+    server = start_server(tmp_path, workers="2", model__id=MODEL, model__parallel="2", model__threads="1")
     try:
-        assert wait_for(lambda: server.log.read_text().count("ready in") == 2, timeout=120)
+        assert wait_for(lambda: server.log.read_text().count("ready in") == 2, timeout=120)  # one model each
         assert wait_for(lambda: "now runs the ledger jobs" in server.log.read_text(), timeout=30)
         time.sleep(2)  # both workers have tried to claim the jobs by now
         assert server.log.read_text().count("now runs the ledger jobs") == 1
