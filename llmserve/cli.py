@@ -21,6 +21,9 @@ from llmserve.ledger import backup as backups
 from llmserve.ledger import report
 from llmserve.ledger.settings import default_url
 from llmserve.ledger.store import Ledger, LedgerUnavailable, open_ledger
+from llmserve.models.control import ModelControl, ModelControlError
+from llmserve.models.memory import MIB
+from llmserve.models.state import worker_statuses
 from llmserve.settings import CONFIG_ENV_VAR, ENV_PREFIX, ModelSettings, Settings, SettingsError, load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +158,88 @@ def revoke_key(config: Path | None, key_id: str) -> None:
     except KeyStoreError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"revoked {key_id}")
+
+
+@main.group()
+def models() -> None:
+    """List, load and unload the served models while the server runs (every worker follows within a
+    second or two; the changes persist across restarts in the state directory)."""
+
+
+# The options of a model to load: every model setting but its id, which is the command's argument.
+MODEL_OPTIONS = [
+    click.Option([f"--{name.replace('_', '-')}", name], default=None, help=field.description)
+    for name, field in ModelSettings.model_fields.items()
+    if name != "id"
+]
+
+
+def _control(config: Path | None) -> ModelControl:
+    return ModelControl(_apply(config, {}))
+
+
+@models.command("list")
+@_config_option
+def list_models(config: Path | None) -> None:
+    """The models to serve: id, where each came from, its file and its estimated memory."""
+    control = _control(config)
+    try:
+        desired, estimates = control.desired(), control.estimates()
+    except ModelControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    workers = control.settings.workers
+    for name, entry in desired.items():
+        model = entry.settings
+        source = str(model.path) if model.path else f"embedded {model.embedded or 'gemma-3-270m'}"
+        memory = f"{estimates[name].total(workers) / MIB:.0f} MiB" if name in estimates else "unreadable file"
+        click.echo(f"{name}  {entry.source}  {source}  ~{memory} with {workers} worker(s)")
+    if control.budget is not None:
+        click.echo(f"memory budget: {control.budget} MiB")
+
+
+def _load_model(config: Path | None, name: str, **values: str | None) -> None:
+    """Load model NAME beside the running ones; unset options take the [model] defaults."""
+    control = _control(config)
+    fields = {key: value for key, value in values.items() if value is not None}
+    try:
+        model = control.load(name, fields)
+    except ModelControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"loading {model.id}: every worker loads it and serves it once warm (llmserve models status)")
+
+
+load_model = click.Command(
+    "load",
+    callback=_load_model,
+    params=[*_config_option(click.Command("x")).params, click.Argument(["name"]), *MODEL_OPTIONS],
+    help=_load_model.__doc__,
+)
+models.add_command(load_model)
+
+
+@models.command("unload")
+@_config_option
+@click.argument("name")
+def unload_model(config: Path | None, name: str) -> None:
+    """Unload model NAME: new requests for it get 404 at once, running ones finish first."""
+    try:
+        _control(config).unload(name)
+    except ModelControlError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"unloading {name}")
+
+
+@models.command("status")
+@_config_option
+def models_status(config: Path | None) -> None:
+    """Each running worker's models and their state (loading, ready, failed, unloading)."""
+    settings = _apply(config, {})
+    statuses = worker_statuses(settings.state_dir)
+    if not statuses:
+        raise click.ClickException(f"no running worker reports to {settings.state_dir}")
+    for status in statuses:
+        served = ", ".join(f"{name}={model['status']}" for name, model in status["models"].items())
+        click.echo(f"worker {status['pid']}: {served or 'no models'}")
 
 
 def _ledger(settings: Settings) -> Ledger:

@@ -89,6 +89,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class Conflict(APIError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
 class MethodNotAllowed(APIError):
     status = 405
     type = "invalid_request_error"

@@ -231,6 +231,16 @@ class LLMMetrics:
             step_seconds.observe(step.seconds)
             batch_tokens.observe(step.batch_tokens)
 
+    def forget_model(self, model: str, version: str | None, tenants: Iterable[str]) -> None:
+        """An unloaded model's gauges read 0 (multiprocess files keep a series once written)."""
+        if version is not None:
+            self.model_info.labels(model, version).set(0)
+        for gauge in (self.slots_busy, self.slots_total, self.kv_cells_used, self.kv_cells_total):
+            gauge.labels(model).set(0)
+        for tenant in tenants:
+            self.requests_running.labels(model, tenant).set(0)
+            self.requests_waiting.labels(model, tenant).set(0)
+
     def publish_process(self, resident_bytes: int, gpus: Iterable[GpuReading]) -> None:
         self.resident_memory.set(resident_bytes)
         for gpu in gpus:

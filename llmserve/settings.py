@@ -115,6 +115,49 @@ class ModelSettings(BaseModel):
         )
 
 
+class AliasSettings(BaseModel):
+    """A client-facing model name served by a stable model and, optionally, a canary taking a share of the
+    sessions (blue-green: the canary at 100, then promoted)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stable: str = Field(pattern=MODEL_ID, description="The model that serves the alias.")
+    canary: str | None = Field(None, pattern=MODEL_ID, description="A model given canary_weight of the sessions.")
+    canary_weight: float = Field(0.0, ge=0, le=100, description="Percent of sessions routed to the canary.")
+    promote_after: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="Seconds of clean canary traffic after which it becomes stable; empty: by hand.",
+    )
+
+    @model_validator(mode="after")
+    def _canary_differs(self) -> AliasSettings:
+        if self.canary == self.stable:
+            raise ValueError(f"the canary of an alias must differ from its stable model ({self.stable!r})")
+        return self
+
+
+class CanarySettings(BaseModel):
+    """When a canary is clearly worse than its stable model: its weight is set to 0 automatically."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_requests: int = Field(20, ge=1, le=100_000, description="Canary requests in the window before judging.")
+    window: float = Field(60.0, gt=0, le=3600, description="Seconds of requests judged.")
+    interval: float = Field(1.0, gt=0, le=60, description="Seconds between judgements.")
+    max_error_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Canary error share that rolls it back, when also above stable's times the factor.",
+    )
+    error_rate_factor: float = Field(2.0, ge=1, le=100, description="How many times stable's error share that is.")
+    max_empty_rate: float = Field(0.2, ge=0, le=1, description="Share of empty outputs, judged the same way.")
+    ttft_factor: float = Field(3.0, ge=1, le=100, description="Canary TTFT p99 above stable's times this rolls back...")
+    min_ttft_seconds: float = Field(1.0, ge=0, le=600, description="...when it is also above this many seconds.")
+
+
 def keyless_refusal(address: str) -> str:
     """Why a server without API keys will not listen on ``address``, and what to do instead."""
     return (
@@ -191,6 +234,17 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = Field(
         default_factory=LedgerSettings, description="The usage ledger: storage, write interval, backups."
     )
+    aliases: dict[str, AliasSettings] = Field(
+        default_factory=dict, description="Client-facing model names with a stable model and an optional canary."
+    )
+    canary: CanarySettings = Field(default_factory=CanarySettings, description="Automatic canary rollback.")
+    memory_budget_mib: int | None = Field(
+        None,
+        ge=64,
+        le=1 << 30,
+        description="MiB the models may take on this host (weights once, KV caches and buffers per worker); a "
+        "model load that would exceed it is refused. Empty: no limit.",
+    )
     prices: PriceSettings = Field(
         default_factory=PriceSettings, description="Prices per model, recorded with each request's cost."
     )
@@ -227,7 +281,6 @@ class Settings(BaseSettings):
     def _serve_the_configured_models(self) -> Settings:
         """Fill ``models`` with the set served: the [models.NAME] tables, each over the [model] defaults; or
         the one model a [model] table names (its path, embedded model or id); or every embedded model."""
-        defaults = {name: getattr(self.model, name) for name in self.model.model_fields_set - IDENTITY_FIELDS}
         names_a_model = bool(self.model.model_fields_set & IDENTITY_FIELDS)
         if self.models:
             if names_a_model:
@@ -241,19 +294,28 @@ class Settings(BaseSettings):
                     raise ValueError(f"models.{name}.id is {entry.id!r}: a model's id is its table's name")
                 own = {field: getattr(entry, field) for field in entry.model_fields_set}
                 try:
-                    served[name] = ModelSettings(**{**defaults, **own, "id": name})
+                    served[name] = self.model_over_defaults(name, own)
                 except ValidationError as exc:  # each part was valid alone: say which model the whole is
                     problems = "; ".join(error["msg"] for error in exc.errors())
                     raise ValueError(f"models.{name} with the [model] defaults: {problems}") from None
         elif names_a_model:
             served = {self.model.id: self.model}
         else:
-            served = {name: ModelSettings(**defaults, id=name, embedded=name) for name in EMBEDDED_MODELS}
+            served = {name: self.model_over_defaults(name, {"embedded": name}) for name in EMBEDDED_MODELS}
         for name in served:
             if not re.match(MODEL_ID, name):
                 raise ValueError(f"model name {name!r} must match {MODEL_ID}")
+        for name in self.aliases:
+            if not re.match(MODEL_ID, name) or name in served:
+                raise ValueError(f"alias {name!r} must match {MODEL_ID} and differ from every model's name")
         object.__setattr__(self, "models", served)  # frozen: the set is settled here, once
         return self
+
+    def model_over_defaults(self, name: str, fields: dict[str, Any]) -> ModelSettings:
+        """Model ``name`` with ``fields`` over the [model] defaults (a ``ValidationError`` if invalid): how
+        a [models.NAME] table, and a model loaded at runtime, become settings."""
+        defaults = {field: getattr(self.model, field) for field in self.model.model_fields_set - IDENTITY_FIELDS}
+        return ModelSettings(**{**defaults, **fields, "id": name})
 
     @model_validator(mode="after")
     def _keys_guard_public_addresses(self) -> Settings:

@@ -1,10 +1,10 @@
-"""The HTTP API: OpenAI-compatible endpoints, tenant views, usage and health probes."""
+"""The HTTP API: OpenAI-compatible endpoints, tenant views, usage, model administration and health probes."""
 
 from __future__ import annotations
 
 from flask import Flask
 
-from llmserve.api import chat, completions, embeddings, health, models, openapi, tenants, usage
+from llmserve.api import admin, chat, completions, embeddings, health, models, openapi, tenants, usage
 from llmserve.quotas import Quotas
 from llmserve.tenancy import require_tenant
 
@@ -17,5 +17,5 @@ for _blueprint in METERED:
 def init_app(app: Flask, quotas: Quotas) -> None:
     for blueprint in METERED:
         quotas.requests(blueprint)
-    for module in (models, completions, chat, embeddings, tenants, usage, health, openapi):
+    for module in (models, completions, chat, embeddings, tenants, usage, admin, health, openapi):
         app.register_blueprint(module.blueprint)

@@ -39,6 +39,7 @@ ERROR_MEANINGS = {
     401: "No API key, or an unknown one.",
     403: "The key may not do this.",
     404: "No such model, or no such resource.",
+    409: "The request conflicts with the server's state (a model of that name, the memory budget).",
     413: "The request body is larger than this server accepts.",
     415: "The body is not `application/json`.",
     429: "A quota is used up; `Retry-After` says when to retry.",
@@ -71,6 +72,7 @@ class Operation:
     errors: tuple[int, ...] = ()
     media: tuple[str, ...] = (JSON,)  # content types of a successful answer
     answers: tuple[int, ...] = ()  # statuses answered with the route's own body, not an error object
+    success: int = 200
     public: bool = False  # answered without a key even when tenants are configured
 
 
@@ -134,7 +136,8 @@ def build_document(app: Flask, keyed: bool, model_ids: list[str]) -> dict[str, A
     _, definitions = models_json_schema([(model, "validation") for model in models], ref_template=REF)
     schemas = definitions.get("$defs", {})
     for body in bodies:
-        schemas[body.__name__]["properties"]["model"]["enum"] = model_ids
+        if "model" in body.model_fields:
+            schemas[body.__name__]["properties"]["model"]["enum"] = model_ids
     spec = APISpec(title="llmserve", version=version("llmserve"), openapi_version="3.1.0")
     for name, schema in sorted(schemas.items()):
         spec.components.schema(name, schema)
@@ -168,7 +171,8 @@ def _operation(operation: Operation, arguments: list[str], keyed: bool, model_id
 
 
 def _responses(operation: Operation, keyed: bool) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": {"description": "OK", "content": {m: {"schema": {}} for m in operation.media}}}
+    content: dict[str, Any] = {media: {"schema": {}} for media in operation.media}
+    responses: dict[str, Any] = {str(operation.success): {"description": "Success", "content": content}}
     error = {JSON: {"schema": {"$ref": REF.format(model=ErrorResponse.__name__)}}}
     for status in sorted(set(operation.errors) | ({401} if keyed and not operation.public else set())):
         responses[str(status)] = {"description": ERROR_MEANINGS[status], "content": error}
@@ -196,9 +200,9 @@ def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
 @blueprint.get(OPENAPI_PATH)
 @documented(Operation("This document", public=True))
 def openapi_document() -> Response:
-    document = current_app.extensions.get("llmserve.openapi")
-    if document is None:
+    model_ids = list(current_registry().models)  # they change as models are loaded and unloaded
+    cached = current_app.extensions.get("llmserve.openapi")
+    if cached is None or cached[0] != model_ids:
         keyed = current_tenancy().keyless is None
-        document = build_document(current_app, keyed, list(current_registry().models))
-        current_app.extensions["llmserve.openapi"] = document
-    return jsonify(document)
+        cached = current_app.extensions["llmserve.openapi"] = (model_ids, build_document(current_app, keyed, model_ids))
+    return jsonify(cached[1])

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from flask import Response, current_app, g, jsonify, request
+from flask import Response, after_this_request, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from llmserve.accounting import Origin, current_accounting
@@ -81,9 +81,17 @@ def off_hub_if_large(function: Callable[..., T], *args: Any) -> T:
 
 
 def requested_model(model_id: str) -> ServedModel:
-    """The served model a request names (404 when the caller may not see it), noted in the request log."""
+    """The served model a request names (404 when the caller may not see it), noted in the request log
+    and held until the response has been sent: an unloaded model is freed only once nobody holds it."""
     model = current_registry().get(model_id)
     g.request_log["model"] = model.id
+    model.hold()
+
+    @after_this_request
+    def _release_when_sent(response: Response) -> Response:
+        response.call_on_close(model.release)
+        return response
+
     return model
 
 

@@ -20,8 +20,24 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# llama-cpp-python prints llama.cpp's log to stderr unless its logger says otherwise.
-logging.getLogger("llama-cpp-python").setLevel(logging.WARNING)
+_GGML_WARN, _GGML_ERROR, _GGML_CONTINUED = 3, 4, 5  # ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR, CONT)
+_last_level = 0
+
+
+@lc.llama_log_callback
+def _log_from_llama_cpp(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's own log, through Python's logging (so it keeps the server's log format): its warnings
+    and errors only; its progress lines (hundreds at every model load) are dropped."""
+    global _last_level
+    level = _last_level if level == _GGML_CONTINUED else level
+    _last_level = level
+    if level in (_GGML_WARN, _GGML_ERROR):
+        message = text.decode("utf-8", errors="replace").rstrip()
+        if message:
+            log.log(logging.ERROR if level == _GGML_ERROR else logging.WARNING, "llama.cpp: %s", message)
+
+
+lc.llama_log_set(_log_from_llama_cpp, ctypes.c_void_p(0))
 lc.llama_backend_init()
 
 
@@ -109,6 +125,12 @@ class LlamaModel:
 
     def metadata(self, key: str) -> str | None:
         return _metadata(self.pointer, key)
+
+    def close(self) -> None:
+        """Free the weights; nothing may use the model or its vocabulary afterwards."""
+        if self.pointer:
+            lc.llama_model_free(self.pointer)
+            self.pointer = None
 
 
 def _metadata(model: lc.llama_model_p, key: str) -> str | None:

@@ -54,17 +54,36 @@ class ModelFile:
 
 def locate(model: ModelSettings, cache_dir: Path) -> ModelFile:
     """The model's readable GGUF file and its hash; a damaged or missing one is a ``ModelFileError``."""
+    path = path_of(model, cache_dir)
+    if model.path is not None:
+        return ModelFile(path, file_sha256(path, cache_dir))
+    if embedded_name(model) == "gemma-3-270m":
+        return ModelFile(path, gemma.EXPECTED_SHA256)  # assembling it checked the hash
+    actual, expected = file_sha256(path, cache_dir), _smollm2_record_sha256(model.id)
+    if actual != expected:
+        raise ModelFileError(
+            f"model {model.id!r}: {path} is damaged (sha256 {actual}, expected {expected}); "
+            f"reinstall {SMOLLM2_DISTRIBUTION}"
+        )
+    return ModelFile(path, actual)
+
+
+def embedded_name(model: ModelSettings) -> EmbeddedModelName:
+    return model.embedded or "gemma-3-270m"
+
+
+def path_of(model: ModelSettings, cache_dir: Path) -> Path:
+    """Where the model's GGUF is, without checking its hash (an embedded Gemma is assembled first)."""
     if model.path is not None:
         if not model.path.is_file():
             raise ModelFileError(f"model {model.id!r}: GGUF file {model.path} does not exist")
-        return ModelFile(model.path, file_sha256(model.path, cache_dir))
-    name: EmbeddedModelName = model.embedded or "gemma-3-270m"
-    if name == "smollm2-135m-instruct":
-        return _installed_smollm2(model.id, cache_dir)
+        return model.path
+    if embedded_name(model) == "smollm2-135m-instruct":
+        return _installed_smollm2(model.id)
     return _assembled_gemma(model.id, cache_dir)
 
 
-def _assembled_gemma(model_id: str, cache_dir: Path) -> ModelFile:
+def _assembled_gemma(model_id: str, cache_dir: Path) -> Path:
     target = cache_dir / "models" / gemma.MODEL_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several workers start at once: one assembles while the others wait on the lock.
@@ -78,10 +97,10 @@ def _assembled_gemma(model_id: str, cache_dir: Path) -> ModelFile:
             path = Path(gemma.assemble(target, overwrite=True))
         except (OSError, ValueError) as exc:
             raise ModelFileError(f"model {model_id!r}: cannot assemble the embedded GGUF: {exc}") from exc
-    return ModelFile(path, gemma.EXPECTED_SHA256)
+    return path
 
 
-def _installed_smollm2(model_id: str, cache_dir: Path) -> ModelFile:
+def _smollm2_entry(model_id: str) -> tuple[metadata.Distribution, metadata.PackagePath]:
     try:
         distribution = metadata.distribution(SMOLLM2_DISTRIBUTION)
     except metadata.PackageNotFoundError:
@@ -92,17 +111,23 @@ def _installed_smollm2(model_id: str, cache_dir: Path) -> ModelFile:
     entry = next((file for file in distribution.files or () if file.name == SMOLLM2_FILE), None)
     if entry is None or entry.hash is None:
         raise ModelFileError(f"model {model_id!r}: {SMOLLM2_DISTRIBUTION} holds no {SMOLLM2_FILE}")
+    return distribution, entry
+
+
+def _installed_smollm2(model_id: str) -> Path:
+    distribution, entry = _smollm2_entry(model_id)
     path = Path(str(distribution.locate_file(entry)))
-    expected = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
     if not path.is_file():
         raise ModelFileError(f"model {model_id!r}: {path} is missing; reinstall {SMOLLM2_DISTRIBUTION}")
-    actual = file_sha256(path, cache_dir)
-    if actual != expected:
-        raise ModelFileError(
-            f"model {model_id!r}: {path} is damaged (sha256 {actual}, expected {expected}); "
-            f"reinstall {SMOLLM2_DISTRIBUTION}"
-        )
-    return ModelFile(path, actual)
+    return path
+
+
+def _smollm2_record_sha256(model_id: str) -> str:
+    """The file's sha256 as the wheel's RECORD gives it (urlsafe base64, unpadded)."""
+    _, entry = _smollm2_entry(model_id)
+    assert entry.hash is not None
+    value = entry.hash.value
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).hex()
 
 
 def file_sha256(path: Path, cache_dir: Path) -> str:

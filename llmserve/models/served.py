@@ -45,7 +45,12 @@ def off_hub(function: Callable[..., T], *args: object) -> T:
 
 class ServedModel:
     """A model and its engine thread. The GGUF file is located (and, when embedded, assembled and
-    verified) on the engine thread, so its version is known once the engine is loading."""
+    verified) on the engine thread, so its version is known once the engine is loading.
+
+    Requests hold the model from the moment they name it until their response is sent (a stream keeps
+    turning tokens into text with its vocabulary until then), so an unloaded model's weights are freed
+    only once its engine has stopped and nobody holds it.
+    """
 
     def __init__(
         self,
@@ -61,6 +66,7 @@ class ServedModel:
         self.settings = settings
         self._cache_dir = cache_dir
         self.file: ModelFile | None = None
+        self.holders = 0
         self.engine = Engine(
             settings.engine_config(),
             self._locate,
@@ -70,6 +76,18 @@ class ServedModel:
             policy=policy,
             decode_gate=decode_gate,
         )
+
+    def hold(self) -> None:
+        self.holders += 1
+
+    def release(self) -> None:
+        self.holders -= 1
+
+    def free(self) -> None:
+        """Free the weights of a stopped engine's model that nobody holds any more."""
+        assert not self.engine.alive and self.holders == 0
+        if self.engine.model is not None:
+            self.engine.model.close()
 
     def _locate(self) -> Path:
         self.file = locate(self.settings, self._cache_dir)
