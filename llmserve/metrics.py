@@ -95,6 +95,10 @@ class LLMMetrics:
     cancellations: Counter
     errors: Counter
     worker_replacements: Counter
+    model_requests: Counter
+    canary_weight: Gauge
+    canary_rollbacks: Counter
+    canary_retries: Counter
     time_to_first_token: Histogram
     inter_token_latency: Histogram
     queue_wait: Histogram
@@ -158,6 +162,27 @@ class LLMMetrics:
                 "llmserve_worker_replacements",
                 "Workers that replaced themselves because their engine failed or stalled.",
                 ("model", "reason"),
+            ),
+            model_requests=counter(
+                "llmserve_model_requests",
+                "Generation requests by the model and version that answered, and whether they failed (5xx).",
+                ("model", "version", "outcome"),
+            ),
+            canary_weight=gauge(
+                "llmserve_canary_weight",
+                "Percent of an alias's sessions routed to its canary.",
+                ("alias", "canary"),
+                "livemax",
+            ),
+            canary_rollbacks=counter(
+                "llmserve_canary_rollbacks",
+                "Canaries set to weight 0 because they were clearly worse.",
+                ("alias", "canary"),
+            ),
+            canary_retries=counter(
+                "llmserve_canary_retries",
+                "Canary requests that failed before their response started and were answered by stable.",
+                ("alias",),
             ),
             time_to_first_token=histogram(
                 "llmserve_time_to_first_token_seconds",

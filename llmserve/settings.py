@@ -90,6 +90,13 @@ class ModelSettings(BaseModel):
     gpu_layers: int = Field(0, ge=-1, le=10_000, description="Layers offloaded to a GPU (-1 all).")
     embeddings: bool = Field(True, description="Serve /v1/embeddings from a second, pooled context.")
     embedding_context: int = Field(2048, ge=64, le=65_536, description="Longest embedding input in tokens.")
+    chaos_error_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of this model's generation requests failed with a 500 engine_error before their first "
+        "token, to rehearse a bad version (a canary rollback). Never on in production.",
+    )
 
     @model_validator(mode="after")
     def _every_slot_fits_a_step(self) -> ModelSettings:

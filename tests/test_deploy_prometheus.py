@@ -42,6 +42,8 @@ EXPORTED_METRICS = frozenset(
         "llmserve_kv_cells_used",
         "llmserve_kv_cells_total",
         "llmserve_model_load_seconds",
+        "llmserve_model_info",
+        "llmserve_canary_weight",
         "llmserve_workers_alive",
         "llmserve_workers_expected",
         "llmserve_process_resident_memory_bytes",
@@ -54,6 +56,9 @@ EXPORTED_METRICS = frozenset(
         "llmserve_rejections_total",
         "llmserve_cancellations_total",
         "llmserve_errors_total",
+        "llmserve_model_requests_total",
+        "llmserve_canary_rollbacks_total",
+        "llmserve_canary_retries_total",
         # histograms
         "llmserve_time_to_first_token_seconds",
         "llmserve_inter_token_latency_seconds",

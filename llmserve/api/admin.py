@@ -1,4 +1,5 @@
-"""The admin key's model controls: list the models with every worker's view, load one, unload one.
+"""The admin key's model controls: list the models with every worker's view, load one, unload one; set
+an alias's stable model, canary and weight, and promote its canary.
 
 ``GET /v1/admin/models``, ``POST /v1/admin/models`` (202: the workers load it beside the running models
 within a second or two, and it serves once warm) and ``DELETE /v1/admin/models/{id}`` (202: it is gone
@@ -20,7 +21,7 @@ from llmserve.models.control import ModelControl, ModelControlError, Refusal
 from llmserve.models.registry import current_registry
 from llmserve.models.served import off_hub
 from llmserve.models.state import worker_statuses
-from llmserve.settings import MODEL_ID, ModelSettings
+from llmserve.settings import MODEL_ID, AliasSettings, ModelSettings
 from llmserve.tenancy import require_admin
 
 blueprint = Blueprint("admin", __name__)
@@ -97,3 +98,45 @@ def unload_model(model_id: str) -> Response:
     response = jsonify({"id": model_id, "object": "model", "status": "unloading"})
     response.status_code = 202
     return response
+
+
+class AliasRequest(AliasSettings):
+    """How an alias routes: its stable model, and a canary given ``canary_weight`` percent of the sessions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _alias_view(name: str, alias: AliasSettings) -> dict[str, Any]:
+    return {"id": name, "object": "alias", **alias.model_dump(mode="json")}
+
+
+@blueprint.get("/v1/admin/aliases")
+@documented(Operation("The aliases and how each routes (admin key)", errors=(403,)))
+def list_aliases() -> Response:
+    try:
+        aliases = ModelControl(server_settings()).aliases()
+    except ModelControlError as exc:
+        raise _refused(exc) from None
+    return jsonify({"object": "list", "data": [_alias_view(name, alias) for name, alias in aliases.items()]})
+
+
+@blueprint.put("/v1/admin/aliases/<path:name>")
+@documented(Operation("Set how an alias routes (admin key)", body=AliasRequest, errors=(400, 403, 404)))
+def set_alias(name: str) -> Response:
+    body = parse_body(AliasRequest)
+    alias = AliasSettings(**body.model_dump())
+    try:
+        ModelControl(server_settings()).set_alias(name, alias)
+    except ModelControlError as exc:
+        raise _refused(exc) from None
+    return jsonify(_alias_view(name, alias))
+
+
+@blueprint.post("/v1/admin/aliases/<path:name>/promote")
+@documented(Operation("Make an alias's canary its stable model (admin key)", errors=(400, 403, 404)))
+def promote_alias(name: str) -> Response:
+    try:
+        promoted = ModelControl(server_settings()).promote(name)
+    except ModelControlError as exc:
+        raise _refused(exc) from None
+    return jsonify(_alias_view(name, promoted))

@@ -10,11 +10,13 @@ from flask import Blueprint, Response
 
 from llmserve.api.chat_tools import CallStyle, ReplyFormat, chat_messages, reply_format
 from llmserve.api.openapi import EVENT_STREAM, GENERATION_ERRORS, JSON, Operation, documented
-from llmserve.api.request import build_choices, new_id, off_hub_if_large, parse_body, requested_model, respond
+from llmserve.api.request import answer, build_choices, new_id, off_hub_if_large, parse_body, respond
 from llmserve.api.runner import Update
 from llmserve.api.schemas import ChatCompletionRequest
+from llmserve.chat_format import Message
 from llmserve.engine.jobs import TokenLogprob
 from llmserve.engine.llama_model import Vocabulary
+from llmserve.models.served import ServedModel
 from llmserve.structured import ToolCallParser
 
 blueprint = Blueprint("chat", __name__)
@@ -158,9 +160,12 @@ def _choice(index: int, message: dict[str, Any], logprobs: Any, finish_reason: s
 )
 def create_chat_completion() -> Response:
     body = parse_body(ChatCompletionRequest)
-    model = requested_model(body.model)
     reply = off_hub_if_large(reply_format, body)  # tools and schemas are checked before any model work
     messages = chat_messages(body.messages, reply.tools_prompt)
+    return answer(body.model, body.user, lambda model: _chat(model, body, reply, messages))
+
+
+def _chat(model: ServedModel, body: ChatCompletionRequest, reply: ReplyFormat, messages: list[Message]) -> Response:
     prompt = model.tokenize(off_hub_if_large(model.render_chat, messages), add_special=False)
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     choices = build_choices(

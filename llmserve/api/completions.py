@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Response
 
 from llmserve.api.openapi import EVENT_STREAM, GENERATION_ERRORS, JSON, Operation, documented
-from llmserve.api.request import build_choices, new_id, parse_body, requested_model, respond
+from llmserve.api.request import answer, build_choices, new_id, parse_body, respond
 from llmserve.api.runner import Update
 from llmserve.api.schemas import CompletionRequest
 from llmserve.engine.jobs import TokenLogprob
@@ -96,9 +96,12 @@ def _tokenized_prompts(model: ServedModel, prompts: list[str | list[int]]) -> li
 )
 def create_completion() -> Response:
     body = parse_body(CompletionRequest)
-    model = requested_model(body.model)
     if body.echo and body.logprobs is not None:
         raise InvalidRequest("echo cannot be combined with logprobs on this server", param="echo")
+    return answer(body.model, body.user, lambda model: _complete(model, body))
+
+
+def _complete(model: ServedModel, body: CompletionRequest) -> Response:
     prompts = _tokenized_prompts(model, body.prompt)
     choices = build_choices(
         model,

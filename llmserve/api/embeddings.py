@@ -33,7 +33,7 @@ def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
 @documented(Operation("Create embeddings", body=EmbeddingRequest, errors=GENERATION_ERRORS))
 def create_embeddings() -> Response:
     body = parse_body(EmbeddingRequest)
-    model = requested_model(body.model)
+    _, model = requested_model(body.model, body.user)
     if not model.settings.embeddings:
         raise InvalidRequest(f"The model `{model.id}` does not serve embeddings.", param="model")
     vocab = model.vocab

@@ -1,4 +1,4 @@
-"""GET /v1/models and /v1/models/{id}: the models this key may use, as OpenAI's model objects."""
+"""GET /v1/models and /v1/models/{id}: the models and aliases this key may use, as OpenAI's model objects."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from flask import Blueprint, Response, jsonify
 
 from llmserve.api.openapi import Operation, documented
 from llmserve.models.registry import current_registry
-from llmserve.models.served import ServedModel
 
 blueprint = Blueprint("models", __name__)
 
@@ -16,8 +15,8 @@ blueprint = Blueprint("models", __name__)
 _CREATED = 1_735_689_600
 
 
-def _model_card(model: ServedModel) -> dict[str, Any]:
-    return {"id": model.id, "object": "model", "created": _CREATED, "owned_by": "llmserve"}
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": _CREATED, "owned_by": "llmserve"}
 
 
 @blueprint.get("/v1/models")
@@ -29,4 +28,5 @@ def list_models() -> Response:
 @blueprint.get("/v1/models/<path:model_id>")
 @documented(Operation("Describe one model", errors=(404,)))
 def retrieve_model(model_id: str) -> Response:
-    return jsonify(_model_card(current_registry().get(model_id)))
+    current_registry().require_visible(model_id)
+    return jsonify(_model_card(model_id))

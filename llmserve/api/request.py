@@ -26,14 +26,18 @@ from llmserve.engine.grammar import Grammar, GrammarError
 from llmserve.engine.jobs import Fault, GenerationSpec, SamplingParams
 from llmserve.errors import (
     APIError,
+    ClientDisconnected,
     ContextLengthExceeded,
+    EngineFailure,
     InvalidRequest,
     PayloadTooLarge,
     UnsupportedMediaType,
     from_validation_error,
 )
 from llmserve.metrics import current_metrics
+from llmserve.models.judge import Outcome
 from llmserve.models.registry import current_registry
+from llmserve.models.routing import Route
 from llmserve.models.served import ServedModel, off_hub
 from llmserve.quotas import current_quotas
 from llmserve.requestlog import REQUEST_ID_HEADER
@@ -48,6 +52,7 @@ T = TypeVar("T")
 # Bytes of request body from which its preparation runs off the hub (see ``off_hub_if_large``).
 LARGE_BODY = 256 * 1024
 FAULT_HEADER = "X-Fault-Drill"
+SESSION_HEADER = "X-Session-Id"
 
 
 def parse_body(model: type[M]) -> M:
@@ -80,10 +85,16 @@ def off_hub_if_large(function: Callable[..., T], *args: Any) -> T:
     return off_hub(function, *args)
 
 
-def requested_model(model_id: str) -> ServedModel:
-    """The served model a request names (404 when the caller may not see it), noted in the request log
-    and held until the response has been sent: an unloaded model is freed only once nobody holds it."""
-    model = current_registry().get(model_id)
+def requested_model(name: str, user: str | None) -> tuple[Route, ServedModel]:
+    """The route of a request naming model or alias ``name`` (404 when the caller may not see it), and the
+    model it leads to, held until the response has been sent (an unloaded model is freed only once
+    nobody holds it). A session is the ``X-Session-Id`` header, else the body's ``user``."""
+    route, model = current_registry().route(name, current_tenant().name, request.headers.get(SESSION_HEADER) or user)
+    _hold(model)
+    return route, model
+
+
+def _hold(model: ServedModel) -> None:
     g.request_log["model"] = model.id
     model.hold()
 
@@ -92,7 +103,26 @@ def requested_model(model_id: str) -> ServedModel:
         response.call_on_close(model.release)
         return response
 
-    return model
+
+def answer(name: str, user: str | None, respond_with: Callable[[ServedModel], Response]) -> Response:
+    """``respond_with`` the model the request's route leads to. A canary's failure before its response
+    started (a 5xx) is counted against it and answered once by the alias's stable model instead, so the
+    client sees no error from a bad canary."""
+    route, model = requested_model(name, user)
+    registry = current_registry()
+    try:
+        return respond_with(model)
+    except Exception as exc:
+        if (exc.status if isinstance(exc, APIError) else 500) < 500:
+            raise
+        registry.record(model, Outcome(time.monotonic(), failed=True))
+        stable = registry.models.get(route.fallback) if route.fallback is not None else None
+        if stable is None:
+            raise
+        log.warning("canary %s of %s failed before responding (%s); answered by %s", model.id, name, exc, stable.id)
+        current_metrics().canary_retries.labels(route.alias).inc()
+        _hold(stable)
+        return respond_with(stable)
 
 
 def ledger_request_id() -> str:
@@ -271,6 +301,8 @@ def respond(
     request never got a slot.
     """
     settings = server_settings()
+    if model.chaos_strikes():
+        raise EngineFailure(f"The model `{model.id}` failed this request (its chaos_error_rate drill).")
     tenant = current_tenant()
     quotas = current_quotas()
     accounting = current_accounting()
@@ -301,6 +333,7 @@ def respond(
         run.finish_reasons.update(renderer.reported_finish_reasons)
         quotas.settle(reservation, run.usage.prompt_tokens + run.usage.completion_tokens)
         current_metrics().record_request(model.id, tenant.name, run, started, time.monotonic())
+        current_registry().record(model, _outcome(run, started, error))
         g.request_log.update(_log_fields(model, run, choices, started, tenant.name, settings.log_prompts))
         accounting.record_generation(run, tenant.name, origin, error)
 
@@ -325,6 +358,19 @@ def respond(
     ]
     finish()
     return jsonify({**envelope, "object": renderer.object_name, "choices": final, "usage": run.usage.as_dict()})
+
+
+def _outcome(run: GenerationRun, started: float, error: BaseException | None) -> Outcome:
+    """What a generation that held a slot did, for the canary judge: an error other than the client
+    leaving is a failure; the first choice's finish reason stands for the request."""
+    failed = error is not None and not isinstance(error, ClientDisconnected)
+    return Outcome(
+        at=time.monotonic(),
+        failed=failed or run.cancelled_by == "engine_error",
+        empty=not any(run.outputs),
+        ttft=None if run.first_token_at is None else run.first_token_at - started,
+        finish_reason=next(iter(run.finish_reasons.values()), None),
+    )
 
 
 def _milliseconds(start: float, end: float | None) -> float | None:

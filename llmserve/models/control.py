@@ -8,6 +8,7 @@ written to the shared state file, and every worker loads it beside its running m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from llmserve.engine.llama_model import LlamaError, read_shape
 from llmserve.models import state
 from llmserve.models.files import ModelFileError, path_of
 from llmserve.models.memory import MemoryEstimate, estimate, over_budget
-from llmserve.settings import ModelSettings, Settings
+from llmserve.settings import MODEL_ID, AliasSettings, ModelSettings, Settings
 
 
 class Refusal(StrEnum):
@@ -79,6 +80,34 @@ class ModelControl:
                 raise ModelControlError(f"model {name!r} not loaded: {problem}", Refusal.OVER_BUDGET)
         self._change(state.load(self.settings.models, model))
         return model
+
+    def aliases(self) -> dict[str, AliasSettings]:
+        try:
+            return self.state.read().desired_aliases(self.settings.aliases)
+        except state.ModelStateError as exc:
+            raise ModelControlError(str(exc), Refusal.INVALID) from None
+
+    def set_alias(self, name: str, alias: AliasSettings) -> None:
+        """Route alias ``name`` as ``alias`` says, from every worker's next second on (blue-green: the canary
+        at weight 100, then ``promote``)."""
+        desired = self.desired()
+        if name in desired or not re.match(MODEL_ID, name):
+            raise ModelControlError(f"alias {name!r} must match {MODEL_ID} and not be a model's name", Refusal.INVALID)
+        for role, model in (("stable", alias.stable), ("canary", alias.canary)):
+            if model is not None and model not in desired:
+                raise ModelControlError(f"the {role} model {model!r} is not served", Refusal.NOT_FOUND)
+        self._change(state.set_alias(name, alias))
+
+    def promote(self, name: str) -> AliasSettings:
+        """Make the alias's canary its stable model, for every session at once."""
+        alias = self.aliases().get(name)
+        if alias is None:
+            raise ModelControlError(f"no alias named {name!r}", Refusal.NOT_FOUND)
+        if alias.canary is None:
+            raise ModelControlError(f"alias {name!r} has no canary to promote", Refusal.INVALID)
+        promoted = AliasSettings(stable=alias.canary)
+        self._change(state.set_alias(name, promoted))
+        return promoted
 
     def unload(self, name: str) -> None:
         if name not in self.desired():

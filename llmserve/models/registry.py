@@ -12,6 +12,13 @@ retryable 503, its running generations finish (within ``graceful_timeout``), the
 once no response uses it any more, its weights are freed. Each worker writes what it serves to a status
 file beside the state file, so that ``llmserve models status`` can show every worker's view.
 
+Aliases (``[aliases.NAME]``, or set at runtime in the same state file) are client-facing names routed
+to a stable model and, for a share of the sessions, a canary (``routing``). Every finished request
+leaves an outcome per model; a judge compares each canary with its stable model once a second
+(``judge``) and, when the canary is clearly worse, sets its weight to 0 in the state file: every worker
+follows, and no new session reaches it. With ``promote_after``, a canary that stayed clean that long
+becomes the stable model.
+
 A model that fails to load leaves the others serving: its requests get 503 ``model_unavailable`` and
 ``/readyz`` says which model failed. The worker is ready once no model is still loading and at least one
 serves.
@@ -29,12 +36,15 @@ import psutil
 from flask import Flask, current_app
 from gevent import monkey
 
-from llmserve.errors import ModelNotFound
+from llmserve.errors import ModelNotFound, ServiceUnavailable
 from llmserve.gpu import GpuMonitor
 from llmserve.metrics import LLMMetrics
+from llmserve.models import state
+from llmserve.models.judge import Outcome, Outcomes, verdict
+from llmserve.models.routing import Route, route
 from llmserve.models.served import ServedModel, off_hub
 from llmserve.models.state import ModelState, ModelStateError, WorkerStatus
-from llmserve.settings import ModelSettings, Settings
+from llmserve.settings import AliasSettings, ModelSettings, Settings
 from llmserve.tenancy import Tenancy, current_principal
 
 log = logging.getLogger(__name__)
@@ -57,13 +67,16 @@ class ModelRegistry:
         self._status = WorkerStatus(settings.state_dir, os.getpid())
         self.models: dict[str, ServedModel] = {}
         self.unloading: dict[str, ServedModel] = {}
+        self.outcomes = Outcomes()
+        self._canary_since: dict[str, float] = {}  # alias: when this worker first saw its canary take traffic
         try:
-            desired = self._state.read().desired(settings.models)
+            changes = self._state.read()
         except ModelStateError as exc:
             log.error("%s; serving the configured models", exc)
-            desired = settings.models
-        for model in desired.values():
+            changes = state.ModelChanges()
+        for model in changes.desired(settings.models).values():
             self._add(model)
+        self.aliases: dict[str, AliasSettings] = changes.desired_aliases(settings.aliases)
         self.draining = False
 
     def init_app(self, app: Flask) -> None:
@@ -74,6 +87,7 @@ class ModelRegistry:
             model.engine.start()
         gevent.spawn(self._publish_metrics)
         gevent.spawn(self._follow_state)
+        gevent.spawn(self._judge_canaries)
 
     def stop(self) -> None:
         for model in [*self.models.values(), *self.unloading.values()]:
@@ -138,6 +152,7 @@ class ModelRegistry:
         while model.holders:
             gevent.sleep(UNLOAD_POLL)
         model.free()
+        self.outcomes.forget(model.id)
         self.metrics.forget_model(model.id, model.version, self._tenant_names)
         del self.unloading[model.id]
         log.info("model %s: unloaded", model.id)
@@ -151,7 +166,9 @@ class ModelRegistry:
             if stamp != seen:
                 seen = stamp
                 try:
-                    self.sync(self._state.read().desired(self._settings.models))
+                    changes = self._state.read()
+                    self.sync(changes.desired(self._settings.models))
+                    self.aliases = changes.desired_aliases(self._settings.aliases)
                 except ModelStateError as exc:
                     log.error("%s; keeping the models served", exc)
             status = self.status()
@@ -174,6 +191,54 @@ class ModelRegistry:
         except OSError as exc:
             log.warning("could not write %s: %s", self._status.path, exc)
 
+    # -- canaries -----------------------------------------------------------------------------------
+
+    def record(self, model: ServedModel, outcome: Outcome) -> None:
+        """What one finished request of ``model`` did, for the judge and the per-version counters."""
+        self.outcomes.record(model.id, outcome)
+        self.metrics.model_requests.labels(model.id, model.version or "", "error" if outcome.failed else "ok").inc()
+
+    def _judge_canaries(self) -> None:
+        rules = self._settings.canary
+        while not self.draining:
+            now = time.monotonic()
+            for name, alias in list(self.aliases.items()):
+                if alias.canary is None or alias.canary_weight == 0:
+                    self._canary_since.pop(name, None)
+                    continue
+                since = self._canary_since.setdefault(name, now)
+                canary = self.outcomes.summary(alias.canary, rules.window, since)
+                reason = verdict(canary, self.outcomes.summary(alias.stable, rules.window), rules)
+                if reason is not None:
+                    self._roll_back(name, alias, reason)
+                elif self._promotable(alias, now - since, canary.requests):
+                    self._promote(name, alias)
+            gevent.sleep(rules.interval)
+
+    def _promotable(self, alias: AliasSettings, clean_for: float, requests: int) -> bool:
+        after = alias.promote_after
+        return after is not None and clean_for >= after and requests >= self._settings.canary.min_requests
+
+    def _roll_back(self, name: str, alias: AliasSettings, reason: str) -> None:
+        try:
+            changed = self._state.update(state.canary_weight_zero(name, alias))
+        except ModelStateError as exc:
+            log.error("alias %s: could not roll back canary %s: %s", name, alias.canary, exc)
+            return
+        self.aliases[name] = alias.model_copy(update={"canary_weight": 0.0})  # at once here, the others follow
+        if changed:  # this worker's judgement made the change (another may have been first)
+            self.metrics.canary_rollbacks.labels(name, alias.canary).inc()
+            log.error("alias %s: canary %s rolled back to weight 0: %s", name, alias.canary, reason)
+
+    def _promote(self, name: str, alias: AliasSettings) -> None:
+        assert alias.canary is not None
+        promoted = AliasSettings(stable=alias.canary)
+        try:
+            if self._state.update(state.set_alias(name, promoted)):
+                log.info("alias %s: canary %s promoted to stable after a clean window", name, alias.canary)
+        except ModelStateError as exc:
+            log.error("alias %s: could not promote canary %s: %s", name, alias.canary, exc)
+
     # -- metrics -----------------------------------------------------------------------------------
 
     def _publish_metrics(self) -> None:
@@ -188,26 +253,45 @@ class ModelRegistry:
                     self.metrics.model_info.labels(model.id, model.version).set(1)
                 kv_cells = engine.config.parallel * engine.config.context_length
                 self.metrics.publish_engine(model.id, engine.stats(), engine.take_steps(), self._tenant_names, kv_cells)
+            for name, alias in self.aliases.items():
+                if alias.canary is not None:
+                    self.metrics.canary_weight.labels(name, alias.canary).set(alias.canary_weight)
             self.metrics.publish_process(process.memory_info().rss, gpus.read())
             gevent.sleep(ENGINE_METRICS_INTERVAL)
 
     # -- what the API asks -------------------------------------------------------------------------
 
-    def visible(self) -> list[ServedModel]:
-        """The models the calling tenant may use, in configuration order (it sees no others)."""
+    def visible(self) -> list[str]:
+        """The model and alias names the calling tenant may use, models first (it sees no others)."""
         tenant = current_principal().tenant
-        return [model for model in self.models.values() if tenant is None or tenant.may_use(model.id)]
+        return [name for name in [*self.models, *self.aliases] if tenant is None or tenant.may_use(name)]
 
-    def get(self, model_id: str) -> ServedModel:
-        """The model a request names; 404 ``model_not_found`` when it does not exist or the tenant may not
-        use it (the two are told apart to nobody)."""
-        tenant = current_principal().tenant
-        model = self.models.get(model_id)
-        if model is None or (tenant is not None and not tenant.may_use(model_id)):
-            raise ModelNotFound(
-                f"The model `{model_id}` does not exist or you do not have access to it.", param="model"
+    def route(self, name: str, tenant: str, session: str | None) -> tuple[Route, ServedModel]:
+        """Where a request naming ``name`` goes, and that model; a 404 for a name the tenant may not use.
+        May a tenant use an alias, it may use the models the alias routes to. An alias whose canary is
+        not served (unloaded, not loaded yet here) routes to its stable model."""
+        self.require_visible(name)
+        chosen = route(name, self.aliases.get(name), tenant, session)
+        if chosen.model not in self.models and chosen.fallback is not None:
+            chosen = Route(chosen.fallback, chosen.alias)
+        model = self.models.get(chosen.model)
+        if model is None:
+            raise ServiceUnavailable(
+                f"The model `{chosen.model}` behind `{name}` is not served here now.",
+                code="model_unavailable",
+                retry_after=5,
             )
-        return model
+        return chosen, model
+
+    def require_visible(self, name: str) -> None:
+        """A 404 unless ``name`` is a model or alias the calling tenant may use."""
+        principal = current_principal().tenant
+        if (name not in self.models and name not in self.aliases) or (principal and not principal.may_use(name)):
+            raise _not_found(name)
+
+
+def _not_found(name: str) -> ModelNotFound:
+    return ModelNotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
 
 
 def current_registry() -> ModelRegistry:

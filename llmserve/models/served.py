@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping
 from functools import cached_property
@@ -76,6 +77,10 @@ class ServedModel:
             policy=policy,
             decode_gate=decode_gate,
         )
+
+    def chaos_strikes(self) -> bool:
+        """Whether the ``chaos_error_rate`` drill fails this request."""
+        return random.random() < self.settings.chaos_error_rate
 
     def hold(self) -> None:
         self.holders += 1

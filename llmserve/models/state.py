@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmserve.settings import ModelSettings
+from llmserve.settings import AliasSettings, ModelSettings
 
 STATE_FILE = "models.json"
 STATUS_DIR = "models-status"  # one file per worker: what it serves now
@@ -37,11 +37,15 @@ class ModelChanges(BaseModel):
 
     added: dict[str, ModelSettings] = Field(default_factory=dict)
     removed: tuple[str, ...] = ()
+    aliases: dict[str, AliasSettings] = Field(default_factory=dict)  # over the configured ones, by name
 
     def desired(self, configured: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
         """The configured models without the removed ones, then the added ones, in that order."""
         kept = {name: model for name, model in configured.items() if name not in self.removed}
         return kept | dict(self.added)
+
+    def desired_aliases(self, configured: dict[str, AliasSettings]) -> dict[str, AliasSettings]:
+        return configured | dict(self.aliases)
 
 
 Change = Callable[["ModelChanges"], "ModelChanges"]
@@ -73,14 +77,18 @@ class ModelState:
         except ValidationError as exc:
             raise ModelStateError(f"{self.path} is not a valid model state file: {exc}") from None
 
-    def update(self, change: Change) -> ModelChanges:
-        """Apply ``change`` to the file's content under an exclusive lock, and write the result."""
+    def update(self, change: Change) -> bool:
+        """Apply ``change`` to the file's content under an exclusive lock and write the result; False when
+        it changed nothing (another worker or command did it first)."""
         with self._locked():
-            changed = change(self.read())
+            current = self.read()
+            changed = change(current)
+            if changed == current:
+                return False
             partial = self.path.with_suffix(f".{os.getpid()}")
-            partial.write_text(json.dumps(changed.model_dump(mode="json", exclude_unset=False), indent=2) + "\n")
+            partial.write_text(json.dumps(changed.model_dump(mode="json"), indent=2) + "\n")
             partial.replace(self.path)
-        return changed
+        return True
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -127,9 +135,11 @@ def load(configured: dict[str, ModelSettings], model: ModelSettings) -> Change:
     def change(current: ModelChanges) -> ModelChanges:
         if model.id in current.desired(configured):
             raise ModelStateError(f"a model named {model.id!r} is served already; unload it first")
-        return ModelChanges(
-            added={**current.added, model.id: model},
-            removed=tuple(name for name in current.removed if name != model.id),
+        return current.model_copy(
+            update={
+                "added": {**current.added, model.id: model},
+                "removed": tuple(name for name in current.removed if name != model.id),
+            }
         )
 
     return change
@@ -143,6 +153,27 @@ def unload(configured: dict[str, ModelSettings], name: str) -> Change:
             raise ModelStateError(f"no model named {name!r} is served")
         added = {key: value for key, value in current.added.items() if key != name}
         removed = current.removed + ((name,) if name in configured else ())
-        return ModelChanges(added=added, removed=removed)
+        return current.model_copy(update={"added": added, "removed": removed})
+
+    return change
+
+
+def set_alias(name: str, alias: AliasSettings) -> Change:
+    """The change that makes ``name`` route as ``alias`` says."""
+
+    def change(current: ModelChanges) -> ModelChanges:
+        return current.model_copy(update={"aliases": {**current.aliases, name: alias}})
+
+    return change
+
+
+def canary_weight_zero(name: str, alias: AliasSettings) -> Change:
+    """The change that sets the canary's weight to 0, if the alias still routes to that canary."""
+
+    def change(current: ModelChanges) -> ModelChanges:
+        now = current.desired_aliases({name: alias}).get(name)
+        if now is None or now.canary != alias.canary or now.canary_weight == 0:
+            return current
+        return set_alias(name, now.model_copy(update={"canary_weight": 0.0}))(current)
 
     return change
