@@ -150,7 +150,14 @@ class CanarySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_requests: int = Field(20, ge=1, le=100_000, description="Canary requests in the window before judging.")
+    min_requests: int = Field(20, ge=1, le=100_000, description="Canary requests before its TTFT is judged.")
+    significance: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="Chance below which a canary within the limits would fail as often as it does: then it is "
+        "rolled back.",
+    )
     window: float = Field(60.0, gt=0, le=3600, description="Seconds of requests judged.")
     interval: float = Field(1.0, gt=0, le=60, description="Seconds between judgements.")
     max_error_rate: float = Field(

@@ -3,7 +3,9 @@ and the verdicts on synthetic outcomes."""
 
 from __future__ import annotations
 
-from llmserve.models.judge import Outcome, Outcomes, Summary, verdict
+import pytest
+
+from llmserve.models.judge import Outcome, Outcomes, Summary, binomial_tail, verdict
 from llmserve.models.routing import BUCKETS, Role, bucket, route
 from llmserve.settings import AliasSettings, CanarySettings
 
@@ -44,19 +46,32 @@ def summary(requests: int, errors: float = 0.0, empty: float = 0.0, ttft: float 
     return Summary(requests=requests, error_rate=errors, empty_rate=empty, ttft_p99=ttft)
 
 
-def test_a_canary_is_judged_only_with_enough_requests() -> None:
-    assert verdict(summary(19, errors=1.0), summary(500), RULES) is None
-    assert verdict(summary(20, errors=1.0), summary(500), RULES) is not None
+def test_failures_count_once_they_are_beyond_chance() -> None:
+    """Failing every request: 2 failures could still be a 5% canary's bad luck (p = 0.0025), 3 cannot."""
+    assert verdict(summary(2, errors=1.0), summary(500), RULES) is None
+    assert verdict(summary(3, errors=1.0), summary(500), RULES) is not None
+    assert verdict(summary(100, errors=0.07), summary(500), RULES) is None  # a little above the bound: not sure yet
+    assert verdict(summary(2000, errors=0.07), summary(500), RULES) is not None  # ...until there is enough of it
 
 
 def test_a_canary_must_be_worse_than_both_the_bound_and_stable() -> None:
     assert verdict(summary(100, errors=0.04), summary(100), RULES) is None  # under the absolute bound
-    assert verdict(summary(100, errors=0.30), summary(100, errors=0.20), RULES) is None  # a bad night for all
+    assert verdict(summary(100, errors=0.30), summary(100, errors=0.20), RULES) is None  # a bad hour for all
     reason = verdict(summary(100, errors=0.30), summary(100, errors=0.01), RULES)
-    assert reason is not None and "error rate 30.0%" in reason
+    assert reason is not None and "error rate 30/100 (30.0%)" in reason
     assert "empty outputs" in (verdict(summary(100, empty=0.5), summary(100, empty=0.0), RULES) or "")
-    assert "TTFT p99" in (verdict(summary(100, ttft=5.0), summary(100, ttft=0.5), RULES) or "")
+
+
+def test_ttft_is_judged_after_min_requests() -> None:
+    assert verdict(summary(19, ttft=5.0), summary(100, ttft=0.5), RULES) is None
+    assert "TTFT p99" in (verdict(summary(20, ttft=5.0), summary(100, ttft=0.5), RULES) or "")
     assert verdict(summary(100, ttft=0.9), summary(100, ttft=0.1), RULES) is None  # under min_ttft_seconds
+
+
+def test_the_binomial_tail_is_exact() -> None:
+    assert binomial_tail(3, 3, 0.05) == pytest.approx(0.05**3)
+    assert binomial_tail(0, 10, 0.5) == 1.0
+    assert binomial_tail(6, 100, 0.05) == pytest.approx(0.3840008720438, rel=1e-9)  # scipy.stats.binom.sf(5, 100, .05)
 
 
 def test_outcomes_are_summed_over_the_window_only() -> None:

@@ -2,19 +2,23 @@
 
 Every finished request of a model leaves an ``Outcome``: whether it failed (a 5xx, or an error after
 its stream started), whether its output was empty, its time to first token and its finish reason. A
-canary is judged over the last ``window`` seconds once it has ``min_requests`` in it: it is rolled back
-when its error share exceeds both ``max_error_rate`` and stable's share times ``error_rate_factor``,
-when its share of empty outputs does the same against ``max_empty_rate``, or when its TTFT p99 exceeds
-both ``min_ttft_seconds`` and stable's p99 times ``ttft_factor``. Absolute bounds keep a canary from
-being judged on noise when stable is near perfect; comparisons with stable keep a bad night for every
-model from being blamed on the canary.
+canary is judged over the last ``window`` seconds. It is rolled back when its error share is above both
+``max_error_rate`` and stable's share times ``error_rate_factor``, or its share of empty outputs is
+above ``max_empty_rate`` and stable's times the factor, with so many failures that a canary no worse
+than that limit would show them with a chance below ``significance`` (a binomial tail): a canary that
+fails every request goes after a handful, one that fails a little more than the limit only after
+hundreds. Its TTFT p99 is judged once it has ``min_requests``: above both ``min_ttft_seconds`` and
+stable's p99 times ``ttft_factor``. Absolute bounds keep a canary from being judged on noise when
+stable is near perfect; comparisons with stable keep a bad hour for every model from being blamed on
+the canary.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmserve.settings import CanarySettings
@@ -37,6 +41,14 @@ class Summary:
     error_rate: float
     empty_rate: float
     ttft_p99: float | None
+
+    @property
+    def errors(self) -> int:
+        return round(self.error_rate * self.requests)
+
+    @property
+    def answered(self) -> int:
+        return self.requests - self.errors
 
 
 class Outcomes:
@@ -75,26 +87,51 @@ def _percentile(values: list[float], share: float) -> float | None:
 
 def verdict(canary: Summary, stable: Summary, rules: CanarySettings) -> str | None:
     """Why the canary must be rolled back, or None while it is not clearly worse (or not yet judged)."""
-    if canary.requests < rules.min_requests:
-        return None
-    reasons: Iterable[str | None] = (
-        _worse("error rate", canary.error_rate, stable.error_rate, rules.max_error_rate, rules.error_rate_factor),
-        _worse("empty outputs", canary.empty_rate, stable.empty_rate, rules.max_empty_rate, rules.error_rate_factor),
-        _slower(canary.ttft_p99, stable.ttft_p99, rules),
+    reasons = (
+        _worse("error rate", canary.errors, canary.requests, stable.error_rate, rules.max_error_rate, rules),
+        _worse(
+            "empty outputs",
+            round(canary.empty_rate * canary.answered),
+            canary.answered,
+            stable.empty_rate,
+            rules.max_empty_rate,
+            rules,
+        ),
+        _slower(canary, stable.ttft_p99, rules),
     )
     found = [reason for reason in reasons if reason]
     return "; ".join(found) if found else None
 
 
-def _worse(what: str, canary: float, stable: float, bound: float, factor: float) -> str | None:
-    if canary > bound and canary > stable * factor:
-        return f"{what} {canary:.1%} against stable's {stable:.1%} (bound {bound:.1%})"
-    return None
+def _worse(what: str, bad: int, total: int, stable: float, bound: float, rules: CanarySettings) -> str | None:
+    """``bad`` of ``total`` is clearly above both ``bound`` and stable's share times the factor."""
+    limit = min(1.0, max(bound, stable * rules.error_rate_factor))
+    if total == 0 or bad / total <= limit or binomial_tail(bad, total, limit) >= rules.significance:
+        return None
+    return f"{what} {bad}/{total} ({bad / total:.1%}) against stable's {stable:.1%} (limit {limit:.1%})"
 
 
-def _slower(canary: float | None, stable: float | None, rules: CanarySettings) -> str | None:
-    if canary is None or canary <= rules.min_ttft_seconds:
+def binomial_tail(successes: int, trials: int, probability: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, probability), in log space (trials may be thousands)."""
+    if successes <= 0:
+        return 1.0
+    if probability <= 0:
+        return 0.0
+    if probability >= 1:
+        return 1.0
+    log_p, log_q = math.log(probability), math.log1p(-probability)
+    terms = [
+        math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p + (trials - k) * log_q
+        for k in range(successes, trials + 1)
+    ]
+    peak = max(terms)
+    return min(1.0, math.exp(peak) * sum(math.exp(term - peak) for term in terms))
+
+
+def _slower(canary: Summary, stable: float | None, rules: CanarySettings) -> str | None:
+    p99 = canary.ttft_p99
+    if canary.requests < rules.min_requests or p99 is None or p99 <= rules.min_ttft_seconds:
         return None
-    if stable is not None and canary <= stable * rules.ttft_factor:
+    if stable is not None and p99 <= stable * rules.ttft_factor:
         return None
-    return f"TTFT p99 {canary:.2f}s against stable's {'-' if stable is None else f'{stable:.2f}s'}"
+    return f"TTFT p99 {p99:.2f}s against stable's {'-' if stable is None else f'{stable:.2f}s'}"
