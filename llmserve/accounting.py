@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -89,11 +90,12 @@ def end_of_error(error: BaseException) -> End | None:
     return End(error.status if isinstance(error, APIError) else 500, "error")
 
 
-def end_of_generation(run: GenerationRun) -> End:
-    """A response that was sent (a stream is 200 once it started, however it ended)."""
-    if run.cancelled_by is not None:
-        return End(200, _CANCEL_REASONS.get(run.cancelled_by, run.cancelled_by))
-    reasons = set(run.finish_reasons.values()) or {"stop"}
+def end_of_generation(cancelled_by: str | None, finish_reasons: Mapping[int, str]) -> End:
+    """A response that was sent (a stream is 200 once it started, however it ended), with the finish
+    reasons its client was told."""
+    if cancelled_by is not None:
+        return End(200, _CANCEL_REASONS.get(cancelled_by, cancelled_by))
+    reasons = set(finish_reasons.values()) or {"stop"}
     return End(200, max(sorted(reasons), key=lambda reason: _FINISH_SEVERITY.get(reason, 1)))
 
 
@@ -152,10 +154,16 @@ class Accounting:
             self.ledger.close()
 
     def record_generation(
-        self, run: GenerationRun, tenant: str, origin: Origin, error: BaseException | None = None
+        self,
+        run: GenerationRun,
+        tenant: str,
+        origin: Origin,
+        finish_reasons: Mapping[int, str],
+        error: BaseException | None = None,
     ) -> None:
-        """Record a completion or chat request; ``error`` is what ended it, if anything did."""
-        end = end_of_generation(run) if error is None else end_of_error(error)
+        """Record a completion or chat request: ``finish_reasons`` are those its client was told, ``error``
+        is what ended it, if anything did."""
+        end = end_of_generation(run.cancelled_by, finish_reasons) if error is None else end_of_error(error)
         if end is None:
             return
         held_a_slot = run.admitted_at is not None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from flask import Flask
 
-from llmserve import api, auth, errors, metrics, requestlog
+from llmserve import auth, errors, metrics, request_context, requestlog
 from llmserve.accounting import Accounting
+from llmserve.api import routes
 from llmserve.lifecycle import InFlight
 from llmserve.models.registry import ModelRegistry
 from llmserve.quotas import Quotas
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
     app.extensions[SETTINGS_EXTENSION] = settings
+    request_context.init_app(app)  # first: every later hook finds the request's context
     errors.init_app(app)
     requestlog.init_app(app)
     InFlight().init_app(app)
@@ -33,5 +35,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     llm_metrics = metrics.init_app(app, settings)
     Accounting(settings, llm_metrics).init_app(app)
     ModelRegistry(settings, llm_metrics, tenancy).init_app(app)
-    api.init_app(app, quotas)
+    routes.init_app(app, quotas)
     return app

@@ -9,10 +9,11 @@ The hook runs before flask-limiter's, so the request quotas are counted against 
 
 from __future__ import annotations
 
-from flask import Flask, g, request
+from flask import Flask, request
 
 from llmserve.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from llmserve.quotas import current_quotas
+from llmserve.request_context import current_request
 from llmserve.requestlog import PROBE_PATHS
 from llmserve.tenancy import current_tenancy
 
@@ -48,7 +49,7 @@ def authenticate() -> None:
         return
     tenancy = current_tenancy()
     if tenancy.keyless is not None:
-        g.principal = tenancy.keyless
+        current_request().principal = tenancy.keyless
         return
     key = presented_key()
     if key is None:
@@ -68,7 +69,7 @@ def authenticate() -> None:
                 code="too_many_failed_authentications",
             )
         raise AuthenticationFailed(f"Incorrect API key provided: {_masked(key)}.")
-    g.principal = principal
+    current_request().principal = principal
 
 
 def init_app(app: Flask) -> None:

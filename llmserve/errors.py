@@ -12,11 +12,13 @@ import math
 import socket
 from typing import Any
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, jsonify
 from gunicorn.util import write_nonblock
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+
+from llmserve.request_context import current_request
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,7 @@ def render(error: APIError) -> Response:
 
 def respond_with(error: APIError) -> Response:
     """The error response, noting the error's code for the metrics and the request log."""
-    g.setdefault("request_log", {})["error_code"] = error.code or error.type
+    current_request().error_code = error.code or error.type
     return render(error)
 
 

@@ -30,7 +30,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from flask import Flask, Response, g
+from flask import Flask, Response
+
+from llmserve.request_context import current_request
 
 if TYPE_CHECKING:
     from llmserve.models.registry import ModelRegistry
@@ -101,21 +103,28 @@ class InFlight:
         @app.before_request
         def _begin() -> None:
             self.count += 1
-            g.in_flight = True
+            current_request().in_flight = True
 
         @app.after_request
         def _end_when_sent(response: Response) -> Response:
-            if g.pop("in_flight", False):
+            if _leaves_flight():
                 response.call_on_close(self._done)
             return response
 
         @app.teardown_request
         def _end_without_response(error: BaseException | None) -> None:
-            if g.pop("in_flight", False):  # no response was made (an error escaped every handler)
+            if _leaves_flight():  # no response was made (an error escaped every handler)
                 self._done()
 
     def _done(self) -> None:
         self.count -= 1
+
+
+def _leaves_flight() -> bool:
+    """True once per counted request: the first of its response or its teardown takes it off the count."""
+    context = current_request()
+    counted, context.in_flight = context.in_flight, False
+    return counted
 
 
 def handle_worker_term(worker: Any, models: ModelRegistry, in_flight: InFlight, graceful_timeout: float) -> None:

@@ -20,13 +20,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornInternalPrometheusMetrics
 
 from llmserve.engine.stats import EngineStats, StepSample
 from llmserve.gpu import GpuReading
+from llmserve.request_context import current_request
 from llmserve.requestlog import PROBE_PATHS
 from llmserve.settings import Settings
 
@@ -293,10 +294,10 @@ def init_app(app: Flask, settings: Settings) -> LLMMetrics:
 
     @app.after_request
     def _count_errors(response: Response) -> Response:
-        fields = g.get("request_log", {})
-        code = fields.get("error_code")
+        context = current_request()
+        code = context.error_code
         if code in REJECTION_CODES:  # labelled with the model once the request named one the server has
-            llm.rejections.labels(fields.get("model", ""), code).inc()
+            llm.rejections.labels(context.model or "", code).inc()
         if response.status_code >= 400 and request.path not in PROBE_PATHS:  # a 503 probe is no error
             llm.errors.labels(str(response.status_code), code or "unknown").inc()
         return response

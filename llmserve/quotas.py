@@ -24,11 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
 from limits import RateLimitItem, RateLimitItemPerMinute
 
 from llmserve.errors import RateLimited, respond_with
+from llmserve.request_context import current_request
 from llmserve.settings import Settings
 from llmserve.tenancy import Tenant, current_principal
 
@@ -109,7 +110,7 @@ class Quotas:
 
         @app.after_request
         def _headers(response: Response) -> Response:
-            principal = g.get("principal")
+            principal = current_request().principal
             if principal is not None and principal.tenant is not None:
                 response.headers.extend(self._headers_for(principal.tenant))
             return response

@@ -6,13 +6,14 @@ closed, so a streamed response is logged when its stream ends (however it ends),
 token counts and finish reason.
 
 The line's fields: ``request_id``, ``method``, ``path`` (no query string), ``status``, ``duration_ms``,
-``client`` (the peer address), then whatever the handlers put into ``flask.g.request_log``, a dict created
-empty for every request (``g.request_log.update(...)``; the same dict all request long, so a stream's
-generator or close callback may add to it):
+``client`` (the peer address), ``model`` and ``error_code`` when set, then whatever the handlers put into
+the request context's ``log`` dict (``current_request().log.update(...)``; the same dict all request
+long, so a stream's generator or close callback may add to it):
 
 =====================  =======  ==========================================================
 ``tenant``             str      the authenticated tenant
-``model``              str      the model id served
+``model``              str      the model that answered
+``model_version``      str      its version (the GGUF's sha256 prefix)
 ``prompt_tokens``      int      prompt tokens, counted once however many choices share them
 ``completion_tokens``  int      tokens generated, all choices together
 ``cached_tokens``      int      prompt tokens reused from the KV cache
@@ -30,43 +31,27 @@ handlers do only when ``log_prompts`` is on.
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 
 from llmserve.logs import RECORD_ATTRIBUTES, REQUEST_LOGGER
+from llmserve.request_context import REQUEST_ID_HEADER, current_request
 
 log = logging.getLogger(REQUEST_LOGGER)
 
-REQUEST_ID_HEADER = "X-Request-ID"
 # Probes and scrapes arrive every few seconds from every balancer, kubelet and Prometheus; their lines
 # would drown the rest. A failing probe is still logged at INFO.
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_VALID_ID = re.compile(r"[\x21-\x7e]{1,128}")
-
-
-def _request_id() -> str:
-    offered = request.headers.get(REQUEST_ID_HEADER, "")
-    return offered if _VALID_ID.fullmatch(offered) else uuid.uuid4().hex
 
 
 def init_app(app: Flask) -> None:
-    @app.before_request
-    def _start() -> None:
-        g.request_id = _request_id()
-        g.started = time.monotonic()
-        g.request_log = {}
-
     @app.after_request
     def _finish(response: Response) -> Response:
-        # A hook registered earlier may have ended the request before ``_start`` ran.
-        request_id = g.get("request_id") or _request_id()
+        context = current_request()
+        request_id, started = context.request_id, context.started
         response.headers[REQUEST_ID_HEADER] = request_id
-        started = g.get("started", time.monotonic())
-        fields: dict[str, Any] = g.setdefault("request_log", {})
         line: dict[str, Any] = {
             "request_id": request_id,
             "method": request.method,
@@ -79,7 +64,8 @@ def init_app(app: Flask) -> None:
 
         def _log_line() -> None:
             line["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
-            for key, value in fields.items():
+            named = {"model": context.model, "error_code": context.error_code}
+            for key, value in [*((k, v) for k, v in named.items() if v is not None), *context.log.items()]:
                 # A name LogRecord uses itself would make logging raise; the fixed fields win.
                 if key not in line and key not in RECORD_ATTRIBUTES:
                     line[key] = value

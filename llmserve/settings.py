@@ -8,6 +8,7 @@ see exactly the same settings.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -110,16 +111,8 @@ class ModelSettings(BaseModel):
         return self
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            id=self.id,
-            parallel=self.parallel,
-            context_length=self.context_length,
-            batch_tokens=self.batch_tokens,
-            threads=self.threads,
-            gpu_layers=self.gpu_layers,
-            embeddings=self.embeddings,
-            embedding_context=self.embedding_context,
-        )
+        """The fields the engine is told about, by the same names."""
+        return EngineConfig(**self.model_dump(include={field.name for field in dataclasses.fields(EngineConfig)}))
 
 
 class AliasSettings(BaseModel):
@@ -170,6 +163,12 @@ class CanarySettings(BaseModel):
     max_empty_rate: float = Field(0.2, ge=0, le=1, description="Share of empty outputs, judged the same way.")
     ttft_factor: float = Field(3.0, ge=1, le=100, description="Canary TTFT p99 above stable's times this rolls back...")
     min_ttft_seconds: float = Field(1.0, ge=0, le=600, description="...when it is also above this many seconds.")
+    golden_set: Path | None = Field(
+        None, description="JSON Lines of prompts and expected answers a canary must pass before it gets traffic."
+    )
+    golden_margin: float = Field(
+        0.0, ge=0, le=1, description="How far below stable's golden-set score a canary may be and still pass."
+    )
 
 
 def keyless_refusal(address: str) -> str:

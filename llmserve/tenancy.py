@@ -11,10 +11,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from flask import Flask, current_app, g
+from flask import Flask, current_app
 
 from llmserve.errors import PermissionDenied
 from llmserve.keys import KeyStore
+from llmserve.request_context import current_request
 from llmserve.settings import Settings, TenantSettings
 from scheduler import TenantShare
 
@@ -107,7 +108,8 @@ def current_tenancy() -> Tenancy:
 
 def current_principal() -> Principal:
     """The request's principal, set by the authentication hook before any endpoint runs."""
-    principal: Principal = g.principal
+    principal = current_request().principal
+    assert principal is not None, "authentication runs before every view"
     return principal
 
 

@@ -9,12 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask, Response, g, stream_with_context
+from flask import Flask, Response, stream_with_context
 from flask.testing import FlaskClient
 from gunicorn.config import Config
 from pydantic import ValidationError
 
 from llmserve.logs import REQUEST_LOGGER, GunicornLogger, logging_config
+from llmserve.request_context import current_request
 from llmserve.settings import Settings, SettingsError, load_settings
 
 HANDLER_FIELDS = {
@@ -52,7 +53,7 @@ def formatter(log_format: str) -> logging.Formatter:
 def handler_route(app: Flask) -> str:
     @app.get("/test-handler-fields")
     def handler_fields() -> dict[str, Any]:
-        g.request_log.update(HANDLER_FIELDS)
+        current_request().log.update(HANDLER_FIELDS)
         return {"ok": True}
 
     return "/test-handler-fields"
@@ -116,7 +117,7 @@ def test_the_json_line_parses_and_has_the_request_fields(client: FlaskClient, li
     assert "prompt" not in line and "output" not in line
 
 
-def test_fields_handlers_put_in_g_request_log_are_logged(
+def test_fields_handlers_put_in_the_request_log_are_logged(
     client: FlaskClient, handler_route: str, lines: pytest.LogCaptureFixture
 ) -> None:
     get(client, handler_route)
@@ -130,7 +131,7 @@ def test_handler_fields_never_replace_the_fixed_ones_or_break_logging(
 ) -> None:
     @app.get("/test-clashing-fields")
     def clashing() -> dict[str, Any]:
-        g.request_log.update(status=999, request_id="forged", message="x", name="y", tenant="acme")
+        current_request().log.update(status=999, request_id="forged", message="x", name="y", tenant="acme")
         return {}
 
     get(client, "/test-clashing-fields", headers={"X-Request-ID": "real"})
@@ -143,14 +144,14 @@ def test_a_stream_is_logged_when_it_ends_with_what_it_added(
 ) -> None:
     @app.get("/test-stream")
     def stream() -> Response:
-        g.request_log.update(model="gemma-3-270m", prompt_tokens=3)
+        current_request().log.update(model_version="a5fd3b62230a", prompt_tokens=3)
 
         def body() -> Iterator[str]:
             try:
                 yield "data: 1\n\n"
                 yield "data: 2\n\n"
             finally:  # as sse.stream_response's on_close: the counts are final only now
-                g.request_log.update(completion_tokens=2, finish_reason="length")
+                current_request().log.update(completion_tokens=2, finish_reason="length")
 
         return Response(stream_with_context(body()), mimetype="text/event-stream")
 
@@ -186,7 +187,7 @@ def test_the_text_format_renders_the_request_then_key_value_pairs(
 ) -> None:
     @app.get("/test-text")
     def text() -> dict[str, Any]:
-        g.request_log.update(tenant="acme", prompt_tokens=12, ttft_ms=20.25, prompt='say "hi" twice')
+        current_request().log.update(tenant="acme", prompt_tokens=12, ttft_ms=20.25, prompt='say "hi" twice')
         return {}
 
     get(client, "/test-text", headers={"X-Request-ID": "abc-123"})

@@ -8,12 +8,11 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from flask import Flask, g
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
@@ -40,6 +39,7 @@ from llmserve.ledger.prices import ModelPrice, PriceSettings
 from llmserve.ledger.report import parse_moment
 from llmserve.ledger.settings import LedgerSettings, default_url
 from llmserve.ledger.store import Ledger, open_ledger, usage_records
+from llmserve.request_context import current_request
 from llmserve.settings import Settings, TenantSettings
 from tests.ledger_support import T0, make_record, postgres_schema
 
@@ -132,19 +132,16 @@ def test_refusals_at_the_door_are_not_recorded(error: BaseException) -> None:
     ],
 )
 def test_a_generation_has_one_finish_reason(reasons: dict[int, str], cancelled_by: str | None, expected: str) -> None:
-    run = SimpleNamespace(finish_reasons=reasons, cancelled_by=cancelled_by)
-    end = end_of_generation(run)  # type: ignore[arg-type]
+    end = end_of_generation(cancelled_by, reasons)
     assert (end.status, end.finish_reason) == (200, expected)
 
 
 def test_a_client_chosen_request_id_is_made_unique_for_the_ledger(app: Flask) -> None:
     with app.test_request_context("/v1/completions", headers={"X-Request-ID": "mine-1"}):
-        g.request_id = "mine-1"
         first, second = ledger_request_id(), ledger_request_id()
     assert first.startswith("mine-1~") and second.startswith("mine-1~") and first != second
     with app.test_request_context("/v1/completions"):
-        g.request_id = "0123abcd"
-        assert ledger_request_id() == "0123abcd"
+        assert ledger_request_id() == current_request().request_id  # generated: unique already
 
 
 class SlowWork:

@@ -1,21 +1,4 @@
-"""The HTTP API: OpenAI-compatible endpoints, tenant views, usage, model administration and health probes."""
+"""The HTTP API: OpenAI-compatible endpoints, tenant views, usage, model administration and health probes.
 
-from __future__ import annotations
-
-from flask import Flask
-
-from llmserve.api import admin, chat, completions, embeddings, health, models, openapi, tenants, usage
-from llmserve.quotas import Quotas
-from llmserve.tenancy import require_tenant
-
-# Endpoints that use the model count against a tenant's requests per minute.
-METERED = (completions.blueprint, chat.blueprint, embeddings.blueprint)
-for _blueprint in METERED:
-    _blueprint.before_request(require_tenant)  # an admin key is refused before any work is done
-
-
-def init_app(app: Flask, quotas: Quotas) -> None:
-    for blueprint in METERED:
-        quotas.requests(blueprint)
-    for module in (models, completions, chat, embeddings, tenants, usage, admin, health, openapi):
-        app.register_blueprint(module.blueprint)
+Importing a module of the package loads nothing else: the blueprints are gathered in ``routes``.
+"""

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from pydantic import ConfigDict, Field
 
+from llmserve.api import golden
 from llmserve.api.openapi import Operation, documented
 from llmserve.api.request import parse_body, server_settings
 from llmserve.errors import Conflict, InvalidRequest, ModelNotFound
@@ -121,15 +122,66 @@ def list_aliases() -> Response:
 
 
 @blueprint.put("/v1/admin/aliases/<path:name>")
-@documented(Operation("Set how an alias routes (admin key)", body=AliasRequest, errors=(400, 403, 404)))
+@documented(
+    Operation(
+        "Set how an alias routes; a new canary passes the golden set first (admin key)",
+        body=AliasRequest,
+        errors=(400, 403, 404, 409, 503),
+    )
+)
 def set_alias(name: str) -> Response:
     body = parse_body(AliasRequest)
     alias = AliasSettings(**body.model_dump())
+    control = ModelControl(server_settings())
     try:
-        ModelControl(server_settings()).set_alias(name, alias)
+        current = control.aliases().get(name)
+        gate = _golden_gate(alias) if _new_canary(current, alias) else None
+        control.set_alias(name, alias)
     except ModelControlError as exc:
         raise _refused(exc) from None
-    return jsonify(_alias_view(name, alias))
+    return jsonify({**_alias_view(name, alias), **({"golden_set": gate} if gate else {})})
+
+
+def _new_canary(current: AliasSettings | None, alias: AliasSettings) -> bool:
+    """A canary about to get traffic that it did not have with the same stable model."""
+    if alias.canary is None or alias.canary_weight == 0:
+        return False
+    return (
+        current is None or (current.canary, current.stable) != (alias.canary, alias.stable) or not current.canary_weight
+    )
+
+
+def _golden_gate(alias: AliasSettings) -> dict[str, Any] | None:
+    """Score the canary and stable on the configured golden set; a 409 when the canary scores worse than
+    stable by more than the margin. None without a golden set."""
+    settings = server_settings()
+    if settings.canary.golden_set is None:
+        return None
+    assert alias.canary is not None
+    try:
+        cases = golden.read_cases(settings.canary.golden_set)
+    except golden.GoldenSetError as exc:
+        raise InvalidRequest(f"{exc} (canary.golden_set)") from None
+    models = current_registry().models
+    for model in (alias.stable, alias.canary):
+        if model not in models:
+            raise ModelNotFound(f"the model {model!r} is not served", param="canary")
+    scores = {
+        role: golden.score(models[model], cases, settings.heartbeat_interval)
+        for role, model in (("stable", alias.stable), ("canary", alias.canary))
+    }
+    view = {
+        role: {"passed": s.passed, "total": s.total, "failed_cases": list(s.failed_cases)} for role, s in scores.items()
+    }
+    if scores["canary"].share < scores["stable"].share - settings.canary.golden_margin:
+        raise Conflict(
+            f"canary {alias.canary!r} passed {scores['canary'].passed} of {scores['canary'].total} golden cases, "
+            f"stable {alias.stable!r} {scores['stable'].passed}: below the margin of "
+            f"{settings.canary.golden_margin:.0%}; the alias is unchanged",
+            code="quality_gate_failed",
+            param="canary",
+        )
+    return view
 
 
 @blueprint.post("/v1/admin/aliases/<path:name>/promote")

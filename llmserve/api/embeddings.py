@@ -6,7 +6,7 @@ import base64
 import time
 
 import numpy as np
-from flask import Blueprint, Response, g, jsonify
+from flask import Blueprint, Response, jsonify
 
 from llmserve.accounting import current_accounting
 from llmserve.api.openapi import GENERATION_ERRORS, Operation, documented
@@ -18,6 +18,7 @@ from llmserve.engine.jobs import Admitted, Embeddings, EmbeddingSpec, Finished, 
 from llmserve.engine.stream import EventStream
 from llmserve.errors import ContextLengthExceeded, EngineFailure, InvalidRequest, QueueTimeout
 from llmserve.quotas import current_quotas
+from llmserve.request_context import current_request
 from llmserve.tenancy import current_tenant
 
 blueprint = Blueprint("embeddings", __name__)
@@ -61,7 +62,7 @@ def create_embeddings() -> Response:
         accounting.record_embeddings(run, tenant.name, origin, prompt_tokens, exc)
         raise
     accounting.record_embeddings(run, tenant.name, origin, prompt_tokens)
-    g.request_log.update(tenant=tenant.name, model_version=model.version, prompt_tokens=prompt_tokens)
+    current_request().log.update(tenant=tenant.name, model_version=model.version, prompt_tokens=prompt_tokens)
     return jsonify(
         {
             "object": "list",

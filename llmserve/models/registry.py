@@ -152,9 +152,11 @@ class ModelRegistry:
         while model.holders:
             gevent.sleep(UNLOAD_POLL)
         model.free()
-        self.outcomes.forget(model.id)
-        self.metrics.forget_model(model.id, model.version, self._tenant_names)
-        del self.unloading[model.id]
+        if self.unloading.get(model.id) is model:  # not a namesake unloaded again since
+            del self.unloading[model.id]
+        if model.id not in self.models:  # a namesake loaded again keeps its figures
+            self.outcomes.forget(model.id)
+            self.metrics.forget_model(model.id, model.version, self._tenant_names)
         log.info("model %s: unloaded", model.id)
 
     def _follow_state(self) -> None:

@@ -4,6 +4,7 @@ and blue-green is a weight of 100 and a promotion."""
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Iterator
@@ -139,3 +140,40 @@ def test_alias_changes_that_cannot_work_are_refused(server: Server, tmp_path: Pa
     same = httpx.put(f"{url}/chat", json={"stable": CHAT_MODEL, "canary": CHAT_MODEL}, timeout=10)
     assert same.status_code == 400 and "must differ" in same.json()["error"]["message"]
     assert httpx.post(f"{url}/none/promote", timeout=10).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
+    directory = tmp_path_factory.mktemp("golden")
+    golden = directory / "golden.jsonl"
+    config = CONFIG.replace("chaos_error_rate = 1.0", "") + f'golden_set = "{golden}"\ngolden_margin = 0.34\n'
+    running = start_server(directory, config)
+    yield running, golden
+    stop_server(running)
+
+
+def test_a_canary_whose_golden_answers_differ_is_refused_before_any_traffic(gated: tuple[Server, Path]) -> None:
+    """The golden set holds stable's own greedy answers: a copy of stable passes, another model does not."""
+    server, golden = gated
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Roses are red,"]
+    cases = []
+    for prompt in prompts:
+        body = {"model": CHAT_MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        cases.append(json.dumps({"prompt": prompt, "expect": answer, "max_tokens": 4}))
+    golden.write_text("\n".join(cases) + "\n")
+    refused = httpx.put(
+        f"{server.url}/v1/admin/aliases/chat", json={"stable": CHAT_MODEL, "canary": MODEL, "canary_weight": 10}
+    )
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "quality_gate_failed"
+    assert alias(server)["canary"] is None  # unchanged: the canary got no traffic
+    passed = httpx.put(
+        f"{server.url}/v1/admin/aliases/chat",
+        json={"stable": CHAT_MODEL, "canary": "chat-bad", "canary_weight": 10},  # here a plain copy of stable
+        timeout=120,
+    )
+    assert passed.status_code == 200, passed.text
+    scores = passed.json()["golden_set"]
+    assert scores["stable"]["total"] == 3 and scores["canary"]["passed"] >= scores["stable"]["passed"] - 1
+    assert alias(server)["canary"] == "chat-bad"
