@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging.config
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -109,6 +110,13 @@ def on_reload(server):  # type: ignore[no-untyped-def]
 def pre_fork(server, worker):  # type: ignore[no-untyped-def]
     """A worker forked while others serve (a reload, a replacement) takes connections only once warm."""
     worker.joins_serving_workers = bool(server.WORKERS)
+
+
+def post_fork(server, worker):  # type: ignore[no-untyped-def]
+    """Until the worker installs its own handlers, a SIGTERM ends it at once. The master's handler, which
+    the child inherits through fork, would only queue the signal in the child's copy of the master and
+    lose it: the master would wait out graceful_timeout, then kill the worker."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]
