@@ -112,7 +112,9 @@ def test_a_bad_canary_is_rolled_back_and_no_client_sees_an_error(server: Server)
     metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
     assert 'llmserve_canary_rollbacks_total{alias="chat",canary="chat-bad"} 1.0' in metrics
     retries = re.search(r'^llmserve_canary_retries_total\{alias="chat"\} (\S+)$', metrics, re.MULTILINE)
-    assert retries is not None and float(retries.group(1)) >= 10
+    # The judge needs 3 canary failures to be sure (significance 0.001 against the 5% bound), and every
+    # one of them was a request answered by stable.
+    assert retries is not None and float(retries.group(1)) >= 3
     assert 'llmserve_model_requests_total{model="chat-bad",outcome="error"' in metrics
     assert "canary chat-bad rolled back to weight 0" in server.log.read_text(errors="replace")
 
