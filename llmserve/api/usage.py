@@ -14,7 +14,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-import gevent
 from flask import Blueprint, Response, jsonify, request
 from pydantic import Field, ValidationError
 
@@ -24,6 +23,7 @@ from llmserve.api.schemas import StrictModel
 from llmserve.errors import InvalidRequest, NotFound, PermissionDenied, from_validation_error
 from llmserve.ledger.report import format_moment, parse_moment
 from llmserve.ledger.store import SUMS
+from llmserve.models.served import off_hub
 from llmserve.tenancy import current_principal
 
 blueprint = Blueprint("usage", __name__)
@@ -82,8 +82,7 @@ def usage() -> Response:
     ledger = current_accounting().ledger
     if ledger is None:
         raise NotFound("This server keeps no usage ledger (ledger.enabled is off).")
-    rows = gevent.get_hub().threadpool.apply(
-        ledger.query,
-        kwds={"tenant": tenant, "model": query.model, "since": since, "until": until, "group_by": query.group_by},
-    )  # SQLite and PostgreSQL calls block in C: on a native thread, never on the hub
+    rows = off_hub(  # SQLite and PostgreSQL calls block in C: on a native thread, never on the hub
+        lambda: ledger.query(tenant=tenant, model=query.model, since=since, until=until, group_by=query.group_by)
+    )
     return jsonify({"object": "list", "data": [_view(row) for row in rows]})

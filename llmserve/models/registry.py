@@ -34,10 +34,10 @@ from typing import Any
 import gevent
 import psutil
 from flask import Flask, current_app
-from gevent import monkey
 
 from llmserve.errors import ModelNotFound, ServiceUnavailable
 from llmserve.gpu import GpuMonitor
+from llmserve.ledger.native import allocate_lock
 from llmserve.metrics import LLMMetrics
 from llmserve.models import state
 from llmserve.models.judge import Outcome, Outcomes, verdict
@@ -53,7 +53,6 @@ EXTENSION = "llmserve.models"
 ENGINE_METRICS_INTERVAL = 1.0  # seconds between copies of the engines' state into the metrics
 SYNC_INTERVAL = 1.0  # seconds between looks at the shared state file
 UNLOAD_POLL = 0.1
-_native_lock = monkey.get_original("_thread", "allocate_lock")
 
 
 class ModelRegistry:
@@ -62,7 +61,7 @@ class ModelRegistry:
         self._settings = settings
         self._tenancy = tenancy
         self._tenant_names = tuple(tenancy.tenants)
-        self._gate = _native_lock()
+        self._gate = allocate_lock()  # a native lock: engine threads take it, never greenlets
         self._state = ModelState(settings.state_dir)
         self._status = WorkerStatus(settings.state_dir, os.getpid())
         self.models: dict[str, ServedModel] = {}

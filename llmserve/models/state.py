@@ -48,7 +48,7 @@ class ModelChanges(BaseModel):
         return configured | dict(self.aliases)
 
 
-Change = Callable[["ModelChanges"], "ModelChanges"]
+Change = Callable[[ModelChanges], ModelChanges]
 
 
 class ModelState:
