@@ -69,7 +69,7 @@ def stream_tokens(
 ) -> None:
     """A streamed completion of exactly ``tokens`` tokens; records (text chunks, whether [DONE] came).
     ``started`` is set once its first text arrived."""
-    no_eos = NO_EOS if model == MODEL else {"0": -100, "2": -100}  # SmolLM2's end-of-text and end-of-turn
+    no_eos = NO_EOS if model == MODEL else {"0": -100, "2": -100, "4": -100}  # SmolLM2's three end tokens
     body = {"model": model, "prompt": "Tell me a story.", "max_tokens": tokens, "stream": True, "logit_bias": no_eos}
     chunks, done = 0, False
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
