@@ -68,20 +68,21 @@ def everywhere(server: Server, model: str, status: str | None) -> bool:
 def stream_tokens(
     server: Server, model: str, tokens: int, results: list[tuple[int, bool]], started: threading.Event | None = None
 ) -> None:
-    """A streamed completion of exactly ``tokens`` tokens; records (text chunks, whether [DONE] came).
+    """A streamed completion of exactly ``tokens`` tokens; records (tokens generated, whether [DONE] came).
     ``started`` is set once its first text arrived."""
     no_eos = NO_EOS if model == MODEL else {"0": -100, "2": -100, "4": -100}  # SmolLM2's three end tokens
     body = {"model": model, "prompt": "Tell me a story.", "max_tokens": tokens, "stream": True, "logit_bias": no_eos}
+    body["stream_options"] = {"include_usage": True}  # a chunk may hold two tokens (one UTF-8 character)
     chunks, done = 0, False
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
             if line == "data: [DONE]":
                 done = True
-            elif line.startswith("data: ") and json.loads(line[6:])["choices"][0]["finish_reason"] is None:
-                chunks += 1
-                if started is not None:
-                    started.set()
+            elif line.startswith("data: ") and (usage := json.loads(line[6:]).get("usage")):
+                chunks = usage["completion_tokens"]
+            elif line.startswith("data: ") and started is not None:
+                started.set()
     results.append((chunks, done))
 
 
