@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from llmserve.engine.config import EngineConfig
+from llmserve.engine.config import EngineConfig, StepTimes
 from llmserve.ledger.prices import PriceSettings
 from llmserve.ledger.settings import LedgerSettings
 
@@ -64,6 +64,20 @@ EMBEDDED_MODELS: tuple[EmbeddedModelName, ...] = ("gemma-3-270m", "smollm2-135m-
 MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 # The fields that say which model a [model] table is, rather than how to serve it.
 IDENTITY_FIELDS = frozenset({"id", "path", "embedded"})
+
+
+class SimulationSettings(BaseModel):
+    """The step-time model of the simulated backend. The defaults are a fit of Gemma 3 270M's llama.cpp
+    steps on two CPU threads (``bench/calibrate.py`` measures them for any model and host)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_seconds: float = Field(0.0128, ge=0, le=10, description="Fixed cost of one decode step.")
+    sequence_seconds: float = Field(0.0084, ge=0, le=10, description="Cost per sequence decoding a token.")
+    prompt_token_seconds: float = Field(0.0034, ge=0, le=10, description="Cost per prompt token computed.")
+
+    def step_times(self) -> StepTimes:
+        return StepTimes(**self.model_dump())
 
 
 class ModelSettings(BaseModel):

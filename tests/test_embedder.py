@@ -13,6 +13,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from llmserve.engine.backend import LlamaBackend
 from llmserve.engine.embedder import BATCH_TOKENS, Embedder
 from llmserve.engine.llama_model import LlamaModel
 from llmserve.models.files import locate
@@ -30,7 +31,7 @@ def model_path() -> Path:
 @pytest.fixture(scope="module")
 def embedder(model_path: Path) -> Iterator[tuple[Embedder, LlamaModel]]:
     model = LlamaModel(str(model_path), gpu_layers=0)
-    embedder = Embedder(model, ModelSettings(threads=2).engine_config())
+    embedder = Embedder(LlamaBackend(), model, ModelSettings(threads=2).engine_config())
     yield embedder, model
     embedder.close()
 

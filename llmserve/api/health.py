@@ -52,7 +52,7 @@ def healthz() -> Response:
 
 def _model_readiness(model: ServedModel, observer: bool) -> dict[str, Any]:
     engine = model.engine
-    view: dict[str, Any] = {"status": engine.state.value, "version": model.version}
+    view: dict[str, Any] = {"status": engine.state.value, "version": model.version, "backend": model.backend}
     if engine.failure:
         view["error"] = engine.failure if observer else "the model failed; see the server log"
     if model.ready and observer:

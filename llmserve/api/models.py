@@ -16,7 +16,12 @@ _CREATED = 1_735_689_600
 
 
 def _model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": _CREATED, "owned_by": "llmserve"}
+    """OpenAI's model object, plus what computes it (``llama.cpp``, or ``simulated`` in fleet tests)."""
+    card: dict[str, Any] = {"id": name, "object": "model", "created": _CREATED, "owned_by": "llmserve"}
+    backend = current_registry().backend(name)
+    if backend is not None:
+        card["backend"] = backend
+    return card
 
 
 @blueprint.get("/v1/models")

@@ -18,3 +18,16 @@ class EngineConfig:
     gpu_layers: int
     embeddings: bool  # keep a second, pooled context for embedding requests
     embedding_context: int  # longest embedding input in tokens
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """How long one decode takes: ``step_seconds + sequence_seconds * sequences decoding a token +
+    prompt_token_seconds * prompt tokens computed`` (a linear fit of measured llama.cpp steps)."""
+
+    step_seconds: float
+    sequence_seconds: float
+    prompt_token_seconds: float
+
+    def seconds(self, sequences: int, prompt_tokens: int) -> float:
+        return self.step_seconds + self.sequence_seconds * sequences + self.prompt_token_seconds * prompt_tokens

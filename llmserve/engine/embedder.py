@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from llmserve.engine.backend import Backend, LoadedModel
 from llmserve.engine.config import EngineConfig
 from llmserve.engine.jobs import Admitted, Embeddings, EmbeddingSpec, Finished, FinishReason, Job
-from llmserve.engine.llama_model import DecodeGate, LlamaContext, LlamaModel
+from llmserve.engine.llama_model import DecodeGate
 from llmserve.engine.stats import StatsRecorder
 from scheduler import FairScheduler
 
@@ -28,8 +29,10 @@ MAX_SEQUENCES_PER_DECODE = 16
 
 
 class Embedder:
-    def __init__(self, model: LlamaModel, config: EngineConfig, decode_gate: DecodeGate | None = None) -> None:
-        self._context = LlamaContext(
+    def __init__(
+        self, backend: Backend, model: LoadedModel, config: EngineConfig, decode_gate: DecodeGate | None = None
+    ) -> None:
+        self._context = backend.context(
             model,
             # The input begun by the last decode, plus the rest of this decode's batch.
             n_ctx=config.embedding_context + BATCH_TOKENS,
@@ -43,7 +46,7 @@ class Embedder:
         self._job: int | None = None
         self._vectors: list[np.ndarray] = []  # of the inputs done, in order
         self._decoded = 0  # tokens of the next input already decoded (and in the KV cache)
-        self._sum = np.zeros(self._context.n_embd, dtype=np.float64)  # their embeddings, summed
+        self._sum = np.zeros(model.embedding_size, dtype=np.float64)  # their embeddings, summed
 
     def step(self, job: int, inputs: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, ...] | None:
         """One decode for job ``job``: its mean-pooled, L2-normalised vectors once all ``inputs`` are done,

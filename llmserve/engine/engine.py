@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from gevent import monkey
 
+from llmserve.engine.backend import Backend, DecodeContext, LoadedModel
 from llmserve.engine.config import EngineConfig
 from llmserve.engine.distribution import SamplingError, Scratch
 from llmserve.engine.embedder import Embedder, EmbeddingLane
@@ -37,7 +38,7 @@ from llmserve.engine.jobs import (
     RejectReason,
     Token,
 )
-from llmserve.engine.llama_model import DecodeGate, LlamaContext, LlamaError, LlamaModel, Vocabulary
+from llmserve.engine.llama_model import DecodeGate, LlamaError, Vocabulary
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
 from llmserve.engine.slots import Fed, Slot, charge_step, common_prefix
 from llmserve.engine.stats import EngineStats, StatsRecorder, StepSample, TenantLoad
@@ -77,6 +78,7 @@ class Engine:
         self,
         config: EngineConfig,
         model_path: Callable[[], Path],
+        backend: Backend,
         *,
         queue_size: int,
         queue_timeout: float,
@@ -85,6 +87,7 @@ class Engine:
         decode_gate: DecodeGate | None = None,
     ) -> None:
         self.config = config
+        self.backend = backend
         self._decode_gate = decode_gate
         self._model_path = model_path  # resolved on the engine thread: assembling a GGUF takes seconds
         self._queue_timeout = queue_timeout
@@ -112,7 +115,7 @@ class Engine:
         self.state = EngineState.STARTING
         self.served = False  # it has been ready: a failure from then on is not one of loading the model
         self.failure: str | None = None
-        self.model: LlamaModel | None = None
+        self.model: LoadedModel | None = None
         self.vocab: Vocabulary | None = None
         self.thread_id: int | None = None
         self.last_progress = time.monotonic()
@@ -168,14 +171,14 @@ class Engine:
 
     def _run(self) -> None:
         self.thread_id = _native_thread_id()
-        context: LlamaContext | None = None
+        context: DecodeContext | None = None
         embedder: Embedder | None = None
         try:
             self.state = EngineState.LOADING
             started = time.monotonic()
-            self.model = LlamaModel(self._model_path(), gpu_layers=self.config.gpu_layers)
+            self.model = self.backend.load(self._model_path(), gpu_layers=self.config.gpu_layers)
             self.vocab = self.model.vocab
-            context = LlamaContext(
+            context = self.backend.context(
                 self.model,
                 n_ctx=self.config.context_length * self.config.parallel,
                 n_batch=self.config.batch_tokens,
@@ -184,15 +187,16 @@ class Engine:
                 decode_gate=self._decode_gate,
             )
             if self.config.embeddings:
-                embedder = Embedder(self.model, self.config, self._decode_gate)
+                embedder = Embedder(self.backend, self.model, self.config, self._decode_gate)
             self._warm_up(context, embedder)
             self._stats.model_load_seconds = time.monotonic() - started
             log.info(
-                "engine %s: ready in %.1fs (%d slots x %d tokens)",
+                "engine %s: ready in %.1fs (%d slots x %d tokens, %s backend)",
                 self.config.id,
                 self._stats.model_load_seconds,
                 self.config.parallel,
                 self.config.context_length,
+                self.backend.name,
             )
             self.state = EngineState.READY
             self.served = True
@@ -212,7 +216,7 @@ class Engine:
             # already-delivered tokens into text with its vocabulary.
             self._exited.release()
 
-    def _warm_up(self, context: LlamaContext, embedder: Embedder | None) -> None:
+    def _warm_up(self, context: DecodeContext, embedder: Embedder | None) -> None:
         """One tiny decode, so the first request does not pay for lazy allocations."""
         assert self.vocab is not None
         tokens = self.vocab.tokenize("Hello", add_special=True)
@@ -224,7 +228,7 @@ class Engine:
         if embedder is not None:
             embedder.embed((tuple(tokens),))
 
-    def _loop(self, context: LlamaContext, embedder: Embedder | None) -> None:
+    def _loop(self, context: DecodeContext, embedder: Embedder | None) -> None:
         while not self._stopping:
             self.last_progress = time.monotonic()
             idle = (
@@ -262,7 +266,7 @@ class Engine:
             },
         )
 
-    def _take_inbox(self, context: LlamaContext, *, block: bool) -> None:
+    def _take_inbox(self, context: DecodeContext, *, block: bool) -> None:
         """Take every new job; each gets a free slot at once if there is one, so only jobs that must
         wait count against the queue's size."""
         try:
@@ -338,7 +342,7 @@ class Engine:
             if slot.job is not None and slot.job.stop_reason is not None:
                 self._retire(slot, slot.job.stop_reason)
 
-    def _admit(self, context: LlamaContext) -> None:
+    def _admit(self, context: DecodeContext) -> None:
         self._embeddings.admit()
         self._resolve_donors(context)
         free = [slot for slot in self._slots if slot.job is None]
@@ -397,7 +401,7 @@ class Engine:
                 best = (other, shared)
         return best
 
-    def _resolve_donors(self, context: LlamaContext) -> None:
+    def _resolve_donors(self, context: DecodeContext) -> None:
         """Copy the prefix into slots whose donor has computed it (or has stopped computing it); those
         slots then feed the rest of their prompt themselves."""
         for slot in self._slots:
@@ -418,7 +422,7 @@ class Engine:
                 slot.job.sink.push(PrefixCopied(cached_tokens=available - slot.prefilled))
                 slot.prefilled = available
 
-    def _step(self, context: LlamaContext) -> None:
+    def _step(self, context: DecodeContext) -> None:
         active = [slot for slot in self._slots if slot.computing]
         self._drill({slot.spec.fault for slot in active if slot.spec is not None})
         started = time.perf_counter()
@@ -449,7 +453,7 @@ class Engine:
         while Fault.STALL in faults and not self._stopping:
             time.sleep(IDLE_WAIT)
 
-    def _fill_batch(self, context: LlamaContext, active: Sequence[Slot]) -> list[Fed]:
+    def _fill_batch(self, context: DecodeContext, active: Sequence[Slot]) -> list[Fed]:
         """Put the next token of every generating slot, then prompt chunks of prefilling ones up to the
         batch's capacity, into a cleared batch; each slot's ``output_row`` says which logits are its."""
         assert self.vocab is not None
@@ -486,13 +490,13 @@ class Engine:
             slot.prefilled = chunk_end
         return fed
 
-    def _sample_outputs(self, context: LlamaContext, fed: Sequence[Fed]) -> None:
+    def _sample_outputs(self, context: DecodeContext, fed: Sequence[Fed]) -> None:
         logits = context.logits()
         for entry in fed:
             if entry.slot.output_row >= 0 and entry.slot.job is entry.job:
                 self._sample(logits[entry.slot.output_row], entry.slot)
 
-    def _decode_one_by_one(self, context: LlamaContext, fed: Sequence[Fed], error: LlamaError) -> None:
+    def _decode_one_by_one(self, context: DecodeContext, fed: Sequence[Fed], error: LlamaError) -> None:
         """A decode failed, and llama.cpp does not say for which sequence's input: undo the step and decode
         each sequence's part alone, so that only the sequences whose own decode fails end (with an error)."""
         log.warning("engine %s: %s; decoding its %d sequences one by one", self.config.id, error, len(fed))
@@ -512,7 +516,7 @@ class Engine:
                 continue
             self._sample_outputs(context, [entry])
 
-    def _undo(self, context: LlamaContext, entry: Fed) -> None:
+    def _undo(self, context: DecodeContext, entry: Fed) -> None:
         """Take back what ``entry`` put into the KV cache this step (cells a failed decode may have left)."""
         slot = entry.slot
         kept = context.forget(slot.index, entry.cached_before)

@@ -111,20 +111,33 @@ class Vocabulary:
 
 
 class LlamaModel:
-    """A loaded GGUF model."""
+    """A loaded GGUF model; with ``vocab_only``, its vocabulary and metadata without the weights."""
 
-    def __init__(self, path: Path, *, gpu_layers: int) -> None:
+    def __init__(self, path: Path, *, gpu_layers: int, vocab_only: bool = False) -> None:
         params = lc.llama_model_default_params()
         params.n_gpu_layers = gpu_layers if gpu_layers >= 0 else 1_000_000
+        params.vocab_only = vocab_only
         self.path = path
         self.pointer = lc.llama_model_load_from_file(str(path).encode(), params)
         if not self.pointer:
-            raise LlamaError(f"llama.cpp could not load {path}")
+            raise LlamaError(f"llama.cpp could not {'read' if vocab_only else 'load'} {path}")
         self.vocab = Vocabulary(self.pointer)
-        self.embedding_size = lc.llama_model_n_embd(self.pointer)
+        # A vocabulary-only load leaves the model's hyperparameters unset: they are read as metadata.
+        self.embedding_size = (
+            self.hyperparameter("embedding_length") if vocab_only else lc.llama_model_n_embd(self.pointer)
+        )
 
     def metadata(self, key: str) -> str | None:
         return _metadata(self.pointer, key)
+
+    def hyperparameter(self, key: str, default: int | None = None) -> int:
+        """The architecture's ``key`` (``block_count``); ``default`` when it is absent or a per-layer array."""
+        value = self.metadata(f"{self.metadata('general.architecture') or ''}.{key}")
+        if value is not None and value.isdigit():
+            return int(value)
+        if default is None:
+            raise LlamaError(f"{self.path} has no {key}")
+        return default
 
     def close(self) -> None:
         """Free the weights; nothing may use the model or its vocabulary afterwards."""
@@ -157,36 +170,21 @@ class ModelShape:
 
 
 def read_shape(path: Path) -> ModelShape:
-    """The shape of the GGUF at ``path``, from its metadata: llama.cpp reads only that and the vocabulary
-    (which leaves the model's own hyperparameters unset, so they are read as metadata too)."""
-    params = lc.llama_model_default_params()
-    params.vocab_only = True
-    pointer = lc.llama_model_load_from_file(str(path).encode(), params)
-    if not pointer:
-        raise LlamaError(f"llama.cpp could not read {path}")
+    """The shape of the GGUF at ``path``, from its metadata, without loading the weights."""
+    model = LlamaModel(path, gpu_layers=0, vocab_only=True)
     try:
-        architecture = _metadata(pointer, "general.architecture") or ""
-
-        def number(key: str, default: int | None = None) -> int:
-            value = _metadata(pointer, f"{architecture}.{key}")
-            if value is not None and value.isdigit():
-                return int(value)
-            if default is None:
-                raise LlamaError(f"{path} has no {architecture}.{key}")
-            return default  # absent, or a per-layer array: the model-wide value stands in
-
-        heads = number("attention.head_count")
-        head_size = number("embedding_length") // max(1, heads)
+        heads = model.hyperparameter("attention.head_count")
+        head_size = model.embedding_size // max(1, heads)
         return ModelShape(
             file_bytes=path.stat().st_size,
-            layers=number("block_count"),
-            kv_heads=number("attention.head_count_kv", heads),
-            key_length=number("attention.key_length", head_size),
-            value_length=number("attention.value_length", head_size),
-            vocab_size=lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(pointer)),
+            layers=model.hyperparameter("block_count"),
+            kv_heads=model.hyperparameter("attention.head_count_kv", heads),
+            key_length=model.hyperparameter("attention.key_length", head_size),
+            value_length=model.hyperparameter("attention.value_length", head_size),
+            vocab_size=model.vocab.size,
         )
     finally:
-        lc.llama_model_free(pointer)
+        model.close()
 
 
 class LlamaContext:

@@ -13,8 +13,10 @@ from typing import TypeVar
 import gevent
 
 from llmserve.chat_format import ChatFormatError, ChatFormatter, Message, select_template
+from llmserve.engine.backend import Backend, LlamaBackend
 from llmserve.engine.engine import Engine, EngineState
 from llmserve.engine.llama_model import DecodeGate, Vocabulary
+from llmserve.engine.simulated import SimulatedBackend
 from llmserve.errors import APIError, InvalidRequest, ServiceUnavailable
 from llmserve.models.files import ModelFile, locate
 from llmserve.settings import ModelSettings
@@ -44,6 +46,14 @@ def off_hub(function: Callable[..., T], *args: object) -> T:
     return value
 
 
+def backend_of(settings: ModelSettings) -> Backend:
+    """The backend a model's settings name; the simulated one only when asked for by name."""
+    if settings.backend == "simulated":
+        log.warning("model %s: SIMULATED backend: its answers are not the model's", settings.id)
+        return SimulatedBackend(settings.simulation.step_times())
+    return LlamaBackend()
+
+
 class ServedModel:
     """A model and its engine thread. The GGUF file is located (and, when embedded, assembled and
     verified) on the engine thread, so its version is known once the engine is loading.
@@ -71,6 +81,7 @@ class ServedModel:
         self.engine = Engine(
             settings.engine_config(),
             self._locate,
+            backend_of(settings),
             queue_size=queue_size,
             queue_timeout=queue_timeout,
             shares=shares,
@@ -104,8 +115,19 @@ class ServedModel:
 
     @property
     def version(self) -> str | None:
-        """The GGUF's sha256 prefix; None until the engine has found the file."""
-        return self.file.version if self.file is not None else None
+        """The GGUF's sha256 prefix (``sim-`` before it on the simulated backend, whose answers are not the
+        file's); None until the engine has found the file."""
+        if self.file is None:
+            return None
+        return f"sim-{self.file.version}" if self.simulated else self.file.version
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend.name
+
+    @property
+    def simulated(self) -> bool:
+        return self.settings.backend == "simulated"
 
     @property
     def ready(self) -> bool:
