@@ -18,7 +18,7 @@ from pathlib import Path
 import gevent
 import gunicorn.util
 
-from llmserve import lifecycle
+from llmserve import agent, lifecycle
 from llmserve.errors import write_protocol_error
 from llmserve.ledger.store import LedgerUnavailable, open_ledger
 from llmserve.logs import logging_config
@@ -90,7 +90,13 @@ def when_ready(server):  # type: ignore[no-untyped-def]
     exposed = lifecycle.non_loopback_addresses(server.LISTENERS) if _settings.loopback_only else []
     if exposed:
         sys.exit(f"llmserve: {keyless_refusal(', '.join(exposed))}")
-    lifecycle.handle_master_term(server)
+    checks = None
+    if _settings.agent_port is not None:
+        try:
+            checks = agent.start_agent(_settings.host, _settings.agent_port, _settings.state_dir)
+        except OSError as error:
+            sys.exit(f"llmserve: cannot listen for agent checks on port {_settings.agent_port}: {error.strerror}")
+    lifecycle.handle_master_term(server, checks, _settings.drain_notice)
     lifecycle.handle_master_hup(server, _reload_problem)
 
 
@@ -117,6 +123,9 @@ def post_fork(server, worker):  # type: ignore[no-untyped-def]
     the child inherits through fork, would only queue the signal in the child's copy of the master and
     lose it: the master would wait out graceful_timeout, then kill the worker."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    checks = agent.running_agent()
+    if checks is not None:
+        checks.close_inherited()
 
 
 def child_exit(server, worker):  # type: ignore[no-untyped-def]

@@ -14,6 +14,10 @@ requests are refused with 503 and ``Retry-After``, and running generations conti
 deadline, ``graceful_timeout`` minus a margin; then each gets a final error (an SSE error event, or a
 503) instead of a silent cut, before gunicorn's own deadline would kill the worker. A second SIGTERM, or
 a SIGINT, stops at once.
+
+Behind a balancer (``agent_port`` set), the first SIGTERM first turns the agent's reply to ``drain`` and
+keeps the listeners open for ``drain_notice`` seconds, so that the balancers stop sending before the
+port closes; then the drain above begins.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
@@ -35,6 +40,7 @@ from flask import Flask, Response
 from llmserve.request_context import current_request
 
 if TYPE_CHECKING:
+    from llmserve.agent import AgentServer
     from llmserve.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -191,9 +197,11 @@ def non_loopback_addresses(listeners: Iterable[Any]) -> list[str]:
     return exposed
 
 
-def handle_master_term(arbiter: Any) -> None:
+def handle_master_term(arbiter: Any, agent: AgentServer | None = None, notice: float = 0.0) -> None:
     """The first SIGTERM is gunicorn's graceful stop (announced to systemd); a second one is SIGQUIT,
-    which gunicorn's stop loop turns into a quick shutdown."""
+    which gunicorn's stop loop turns into a quick shutdown. With an agent check, the balancers are told to
+    drain first and the listeners stay open for ``notice`` seconds: requests they already sent here are
+    served, and they send no new ones, so none meets a closed port."""
     forward: Callable[[int, FrameType | None], None] = arbiter.signal
     stopping = False
 
@@ -205,7 +213,14 @@ def handle_master_term(arbiter: Any) -> None:
             return
         stopping = True
         notify("STOPPING=1", "STATUS=draining")
-        forward(signum, frame)
+        if agent is None:
+            forward(signum, frame)
+            return
+        agent.draining = True
+        log.info("SIGTERM: the agent reports drain; the listeners close in %.1fs", notice)
+        timer = threading.Timer(notice, forward, (signum, None))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, on_term)
 

@@ -80,6 +80,9 @@ class LLMMetrics:
     requests_waiting: Gauge
     kv_cells_used: Gauge
     kv_cells_total: Gauge
+    queue_length: Gauge
+    saturation: Gauge
+    kv_cache_usage: Gauge
     model_load_seconds: Gauge
     model_info: Gauge
     workers_alive: Gauge
@@ -127,6 +130,19 @@ class LLMMetrics:
             requests_waiting=gauge("llmserve_requests_waiting", "Generation jobs queued for a slot.", by_tenant),
             kv_cells_used=gauge("llmserve_kv_cells_used", "KV cache cells held by the slots."),
             kv_cells_total=gauge("llmserve_kv_cells_total", "KV cache cells of the engines."),
+            queue_length=gauge("llmserve_queue_length", "Requests waiting for a slot or the embedding lane."),
+            # Ratios are not summed over workers: a request that a worker accepts waits if that worker is
+            # full, so an instance is as saturated as its most saturated worker.
+            saturation=gauge(
+                "llmserve_saturation",
+                "0-1: (busy slots + queued requests) / slots, at most 1; the most saturated worker's.",
+                mode="livemax",
+            ),
+            kv_cache_usage=gauge(
+                "llmserve_kv_cache_usage_ratio",
+                "0-1: KV cache cells held / cells, the fullest worker's.",
+                mode="livemax",
+            ),
             model_load_seconds=gauge(
                 "llmserve_model_load_seconds", "Seconds the model took to load and warm up.", mode="max"
             ),
@@ -246,6 +262,9 @@ class LLMMetrics:
         self.slots_total.labels(model).set(stats.slots_total)
         self.kv_cells_used.labels(model).set(stats.kv_cells_used)
         self.kv_cells_total.labels(model).set(kv_cells)
+        self.queue_length.labels(model).set(stats.queued)
+        self.saturation.labels(model).set(stats.saturation)
+        self.kv_cache_usage.labels(model).set(stats.kv_cells_used / kv_cells if kv_cells else 0.0)
         if stats.model_load_seconds:
             self.model_load_seconds.labels(model).set(stats.model_load_seconds)
         for tenant in tenants:
@@ -261,7 +280,15 @@ class LLMMetrics:
         """An unloaded model's gauges read 0 (multiprocess files keep a series once written)."""
         if version is not None:
             self.model_info.labels(model, version).set(0)
-        for gauge in (self.slots_busy, self.slots_total, self.kv_cells_used, self.kv_cells_total):
+        for gauge in (
+            self.slots_busy,
+            self.slots_total,
+            self.kv_cells_used,
+            self.kv_cells_total,
+            self.queue_length,
+            self.saturation,
+            self.kv_cache_usage,
+        ):
             gauge.labels(model).set(0)
         for tenant in tenants:
             self.requests_running.labels(model, tenant).set(0)

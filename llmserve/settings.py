@@ -105,6 +105,14 @@ class ModelSettings(BaseModel):
     gpu_layers: int = Field(0, ge=-1, le=10_000, description="Layers offloaded to a GPU (-1 all).")
     embeddings: bool = Field(True, description="Serve /v1/embeddings from a second, pooled context.")
     embedding_context: int = Field(2048, ge=64, le=65_536, description="Longest embedding input in tokens.")
+    backend: Literal["llama.cpp", "simulated"] = Field(
+        "llama.cpp",
+        description="What computes the model: llama.cpp, or a step-time simulation for fleet tests and benchmarks "
+        "(its answers are not the model's; never for production).",
+    )
+    simulation: SimulationSettings = Field(
+        default_factory=SimulationSettings, description="Step times of the simulated backend."
+    )
     chaos_error_rate: float = Field(
         0.0,
         ge=0,
@@ -204,6 +212,16 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes; each loads the model.")
     worker_connections: int = Field(1000, ge=10, le=100_000, description="Open connections per worker.")
     graceful_timeout: int = Field(30, ge=1, le=3600, description="Seconds to finish requests on stop.")
+    agent_port: int | None = Field(
+        None, ge=1, le=65_535, description="TCP port of HAProxy's agent check, on the host address; unset: off."
+    )
+    drain_notice: float = Field(
+        3.0,
+        ge=0,
+        le=300,
+        description="With agent_port: seconds between the first SIGTERM and closing the listeners, while the agent "
+        "tells the balancers to drain (at least twice their agent-inter).",
+    )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "llmserve", description="Rebuildable files (the assembled embedded model)."
     )

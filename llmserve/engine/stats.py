@@ -49,6 +49,11 @@ class EngineStats:
     model_load_seconds: float = 0.0
     tenants: dict[str, TenantLoad] = field(default_factory=dict)
 
+    @property
+    def saturation(self) -> float:
+        """0-1: how full the engine is; 1 once every slot is busy or anything waits."""
+        return min(1.0, (self.slots_busy + self.queued) / self.slots_total) if self.slots_total else 1.0
+
 
 @dataclass
 class StatsRecorder:

@@ -179,10 +179,8 @@ class ModelRegistry:
             gevent.sleep(SYNC_INTERVAL)
 
     def status(self) -> dict[str, Any]:
-        """This worker's models: each one's state and version."""
-        models = {
-            name: {"status": model.engine.state.value, "version": model.version} for name, model in self.models.items()
-        }
+        """This worker's models: each one's state, version and load (what the balancer's agent reads)."""
+        models = {name: _model_status(model) for name, model in self.models.items()}
         models |= {name: {"status": "unloading", "version": model.version} for name, model in self.unloading.items()}
         return {"pid": os.getpid(), "models": models}
 
@@ -284,11 +282,28 @@ class ModelRegistry:
             )
         return chosen, model
 
+    def backend(self, name: str) -> str | None:
+        """What computes model ``name``, or the stable model of alias ``name``; None when not served here."""
+        alias = self.aliases.get(name)
+        model = self.models.get(alias.stable if alias is not None else name)
+        return model.backend if model is not None else None
+
     def require_visible(self, name: str) -> None:
         """A 404 unless ``name`` is a model or alias the calling tenant may use."""
         principal = current_principal().tenant
         if (name not in self.models and name not in self.aliases) or (principal and not principal.may_use(name)):
             raise _not_found(name)
+
+
+def _model_status(model: ServedModel) -> dict[str, Any]:
+    stats = model.engine.stats()
+    return {
+        "status": model.engine.state.value,
+        "version": model.version,
+        "slots": stats.slots_total,
+        "busy": stats.slots_busy,
+        "queued": stats.queued,
+    }
 
 
 def _not_found(name: str) -> ModelNotFound:

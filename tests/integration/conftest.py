@@ -90,10 +90,12 @@ def create_key(directory: Path, tenant: str) -> str:
     return result.stdout.strip()
 
 
-def start_server(directory: Path, config: str | None = None, *, ready: bool = True, **settings: str) -> Server:
-    """A server whose state lives in ``directory``; ``config`` is TOML for its settings file. Returned once
-    /readyz says it is ready, or with ``ready`` off once it answers at all."""
-    port = free_port()
+def start_server(
+    directory: Path, config: str | None = None, *, ready: bool = True, port: int | None = None, **settings: str
+) -> Server:
+    """A server whose state lives in ``directory``, on ``port`` (a free one by default); ``config`` is TOML for
+    its settings file. Returned once /readyz says it is ready, or with ``ready`` off once it answers at all."""
+    port = port or free_port()
     log = directory / "server.log"
     env = {key: value for key, value in os.environ.items() if not key.startswith("LLMSERVE_")}
     env.update({"LLMSERVE_PORT": str(port), "LLMSERVE_STATE_DIR": str(directory / "state")})
