@@ -208,7 +208,12 @@ def test_a_model_that_failed_to_load_is_unavailable_and_says_so(client: FlaskCli
     response = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
     assert_openai_error(response, 503, code="model_unavailable")
     body = client.get("/readyz").get_json()
-    assert body["models"][MODEL] == {"status": "failed", "version": None, "error": engine.failure}
+    assert body["models"][MODEL] == {
+        "status": "failed",
+        "version": None,
+        "backend": "llama.cpp",
+        "error": engine.failure,
+    }
     assert body["models"]["smollm2-135m-instruct"]["status"] == "starting"
 
 

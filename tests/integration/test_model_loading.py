@@ -40,7 +40,7 @@ def directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(directory: Path) -> Iterator[Server]:
     running = start_server(directory, CONFIG, workers="2")
-    assert wait_for(lambda: len(worker_views(running)) == 2, timeout=60)  # both workers report
+    assert wait_for(lambda: everywhere(running, MODEL, "ready"), timeout=60)  # both workers report it warm
     yield running
     stop_server(running)
 

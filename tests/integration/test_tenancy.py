@@ -97,7 +97,7 @@ def test_readiness_details_are_for_those_who_may_read_the_metrics(tenant_server:
     assert direct.status_code == proxied.status_code == 200
     assert "alpha" in direct.json()["models"][MODEL]["engine"]["tenants"]
     version = direct.json()["models"][MODEL]["version"]
-    assert proxied.json()["models"][MODEL] == {"status": "ready", "version": version}
+    assert proxied.json()["models"][MODEL] == {"status": "ready", "version": version, "backend": "llama.cpp"}
 
 
 def test_unused_reserved_tokens_are_given_back(tenant_server: Server, tenant_dir: Path) -> None:
