@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +24,12 @@ import httpx
 from tests.integration.conftest import Server, free_port, start_server, stop_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-SIM_MODEL = "sim"
+FLEET_MODEL = "fleet"  # the served name of the fleet's model
 SLOTS = 3  # each instance's generation slots: what its agent reports as maxconn
+STEP_SECONDS = 0.02  # the simulated fixed cost of a step: the least time between two tokens of a stream
 
 
-def simulated_config(*, step_seconds: float = 0.02, parallel: int = SLOTS) -> str:
+def simulated_config(*, step_seconds: float = STEP_SECONDS, parallel: int = SLOTS) -> str:
     return f"""
 [model]
 backend = "simulated"
@@ -36,7 +39,7 @@ threads = 1
 embeddings = false
 simulation = {{ step_seconds = {step_seconds}, sequence_seconds = 0.002, prompt_token_seconds = 0.0002 }}
 
-[models.{SIM_MODEL}]
+[models.{FLEET_MODEL}]
 embedded = "smollm2-135m-instruct"
 """
 
@@ -84,6 +87,8 @@ class Balancer:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    tls_url: str  # TLS ends at the balancer, with a self-signed certificate
+    certificate: Path
 
     def stop(self) -> None:
         self.process.terminate()
@@ -121,25 +126,62 @@ class HAProxy(Balancer):
         return wait_for(lambda: condition(self.servers()), timeout)
 
 
-def start_haproxy(directory: Path, fleet: list[Instance]) -> HAProxy:
-    """The shipped deploy/haproxy/haproxy.cfg with its bind, stats socket and servers replaced."""
-    config = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
-    port = free_port()
+SHIPPED_HAPROXY = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+
+
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with openssl."""
+    certificate, key = directory / "llmserve.crt", directory / "llmserve.key"
+    if not certificate.exists():
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(certificate),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return certificate, key
+
+
+def start_haproxy(directory: Path, fleet: list[Instance], config: str | None = None) -> HAProxy:
+    """The shipped deploy/haproxy/haproxy.cfg (or ``config``, a variant of it) with its bind, stats socket
+    and servers replaced."""
+    config = config if config is not None else SHIPPED_HAPROXY.read_text()
+    port, tls_port = free_port(), free_port()
     stats = directory / "haproxy.sock"
-    config = re.sub(r"(?m)^    bind :8080$", f"    bind 127.0.0.1:{port}", config)
+    certificate, key = self_signed_certificate(directory)
+    pem = directory / "llmserve.pem"
+    pem.write_bytes(certificate.read_bytes() + key.read_bytes())
+    config = re.sub(r"(?m)^    bind 127\.0\.0\.1:8080$", f"    bind 127.0.0.1:{port}", config)
+    config = re.sub(r"(?m)^    bind :443 ssl crt \S+", f"    bind 127.0.0.1:{tls_port} ssl crt {pem}", config)
     config = re.sub(r"(?m)^    stats socket \S+", f"    stats socket {stats}", config)
     servers = "".join(
         f"    server llmserve{index} 127.0.0.1:{instance.port} agent-port {instance.agent_port}\n"
         for index, instance in enumerate(fleet, 1)
     )
     config, replaced = re.subn(r"(?m)(^    server llmserve\d .*\n)+", servers, config)
-    assert replaced == 2 and f"bind 127.0.0.1:{port}" in config and str(stats) in config
+    assert replaced >= 1 and f"bind 127.0.0.1:{port}" in config and f"crt {pem}" in config and str(stats) in config
     path, log = directory / "haproxy.cfg", directory / "haproxy.log"
     path.write_text(config)
     executable = shutil.which("haproxy") or "/usr/sbin/haproxy"
     with log.open("wb") as output:
         process = subprocess.Popen([executable, "-db", "-f", str(path)], stdout=output, stderr=subprocess.STDOUT)
-    proxy = HAProxy(f"http://127.0.0.1:{port}", process, log, stats)
+    proxy = HAProxy(f"http://127.0.0.1:{port}", process, log, f"https://127.0.0.1:{tls_port}", certificate, stats)
     if not wait_for(stats.exists, 10):
         raise RuntimeError(f"haproxy did not start:\n{log.read_text()}")
     return proxy
@@ -149,11 +191,16 @@ def start_nginx(directory: Path, fleet: list[Instance], *, read_timeout: str | N
     """The shipped deploy/nginx/llmserve.conf, included in a minimal nginx.conf of this directory, with its
     listen address and upstream servers replaced (and, to test heartbeats, its read timeout)."""
     site = (ROOT / "deploy" / "nginx" / "llmserve.conf").read_text()
-    port = free_port()
-    site = re.sub(r"(?m)^    listen 8080;$", f"    listen 127.0.0.1:{port};", site)
+    port, tls_port = free_port(), free_port()
+    certificate, key = self_signed_certificate(directory)
+    site = re.sub(r"(?m)^    listen 127\.0\.0\.1:8080;$", f"    listen 127.0.0.1:{port};", site)
+    site = re.sub(r"(?m)^    listen 443 ssl;$", f"    listen 127.0.0.1:{tls_port} ssl;", site)
+    site = re.sub(r"ssl_certificate \S+;", f"ssl_certificate {certificate};", site)
+    site = re.sub(r"ssl_certificate_key \S+;", f"ssl_certificate_key {key};", site)
     servers = "".join(f"    server 127.0.0.1:{instance.port} max_fails=1 fail_timeout=10s;\n" for instance in fleet)
     site, replaced = re.subn(r"(?m)(^    server 127\.0\.0\.1:\d+ .*\n)+", servers, site)
-    assert replaced == 1 and f"listen 127.0.0.1:{port};" in site
+    assert replaced == 1 and f"listen 127.0.0.1:{port};" in site and f"listen 127.0.0.1:{tls_port} ssl;" in site
+    assert f"ssl_certificate {certificate};" in site and f"ssl_certificate_key {key};" in site
     if read_timeout is not None:
         site, replaced = re.subn(r"proxy_read_timeout \w+;", f"proxy_read_timeout {read_timeout};", site)
         assert replaced == 1
@@ -178,7 +225,7 @@ http {{
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
-    balancer = Balancer(f"http://127.0.0.1:{port}", process, log)
+    balancer = Balancer(f"http://127.0.0.1:{port}", process, log, f"https://127.0.0.1:{tls_port}", certificate)
 
     def answers() -> bool:
         try:
@@ -202,7 +249,7 @@ class Outcome:
 
 def stream(url: str, max_tokens: int, timeout: float = 60) -> Outcome:
     """One streamed completion through ``url``, read to its end."""
-    body = {"model": SIM_MODEL, "prompt": "Tell me about fleets.", "max_tokens": max_tokens, "stream": True}
+    body = {"model": FLEET_MODEL, "prompt": "Tell me about fleets.", "max_tokens": max_tokens, "stream": True}
     started = finished = False
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as response:
@@ -215,6 +262,17 @@ def stream(url: str, max_tokens: int, timeout: float = 60) -> Outcome:
             return Outcome(200, started, finished)
     except httpx.HTTPError as exc:
         return Outcome(0, started, False, repr(exc))
+
+
+def token_gaps(url: str, max_tokens: int) -> list[float]:
+    """Seconds between the arrivals of consecutive token events of one stream through ``url``."""
+    body = {"model": FLEET_MODEL, "prompt": "Tell me about fleets.", "max_tokens": max_tokens, "stream": True}
+    arrivals = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.perf_counter())
+    return [later - earlier for earlier, later in itertools.pairwise(arrivals)]
 
 
 class Load:

@@ -5,6 +5,7 @@ streams that had started, and a restarted instance ramps up."""
 from __future__ import annotations
 
 import signal
+import statistics
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +15,9 @@ import pytest
 
 from tests.integration.conftest import wait_for
 from tests.integration.fleet import (
-    SIM_MODEL,
+    FLEET_MODEL,
     SLOTS,
+    STEP_SECONDS,
     HAProxy,
     Instance,
     Load,
@@ -23,6 +25,7 @@ from tests.integration.fleet import (
     simulated_config,
     start_haproxy,
     stream,
+    token_gaps,
 )
 
 
@@ -57,7 +60,7 @@ def test_the_agents_set_each_servers_maxconn_and_the_servers_report_the_backend(
     models = httpx.get(f"{proxy.url}/v1/models", timeout=5).json()["data"]
     assert models == [
         {
-            "id": SIM_MODEL,
+            "id": FLEET_MODEL,
             "object": "model",
             "created": models[0]["created"],
             "owned_by": "llmserve",
@@ -65,8 +68,17 @@ def test_the_agents_set_each_servers_maxconn_and_the_servers_report_the_backend(
         }
     ]
     ready = httpx.get(f"{members[0].server.url}/readyz", timeout=5).json()  # type: ignore[union-attr]
-    assert ready["models"][SIM_MODEL]["backend"] == "simulated"
-    assert ready["models"][SIM_MODEL]["version"].startswith("sim-")
+    assert ready["models"][FLEET_MODEL]["backend"] == "simulated"
+    assert ready["models"][FLEET_MODEL]["version"].startswith("sim-")
+
+
+def test_tokens_pass_the_balancer_as_they_come_not_in_bursts(fleet: tuple[list[Instance], HAProxy]) -> None:
+    """Each simulated step takes at least STEP_SECONDS, so tokens cannot come faster; a balancer that holds
+    small writes back would deliver most of them together (gaps near 0, then one of about 200 ms)."""
+    _, proxy = fleet
+    gaps = token_gaps(proxy.url, 30)
+    assert len(gaps) >= 29  # 30 tokens and the final chunk
+    assert statistics.median(gaps) >= STEP_SECONDS / 2, [round(gap * 1000, 1) for gap in gaps]
 
 
 def test_requests_spread_over_every_instance(fleet: tuple[list[Instance], HAProxy]) -> None:

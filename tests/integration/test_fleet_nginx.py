@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.integration.fleet import (
-    SIM_MODEL,
+    FLEET_MODEL,
     Balancer,
     Instance,
     Load,
@@ -40,7 +40,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Insta
 
 def generated(instance: Instance) -> int:
     assert instance.server is not None
-    return int(instance.server.engine_stats(SIM_MODEL)["generated_tokens"])
+    return int(instance.server.engine_stats(FLEET_MODEL)["generated_tokens"])
 
 
 def test_requests_spread_over_both_instances(fleet: tuple[list[Instance], Balancer]) -> None:
@@ -71,7 +71,7 @@ def test_nginx_answers_an_error_object_when_no_instance_can(fleet: tuple[list[In
     members, balancer = fleet
     for member in members:
         member.stop()
-    body = {"model": SIM_MODEL, "prompt": "hi", "max_tokens": 2}
+    body = {"model": FLEET_MODEL, "prompt": "hi", "max_tokens": 2}
     response = httpx.post(f"{balancer.url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 502
     assert response.headers["content-type"].startswith("application/json")
