@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmserve.engine.backend import LoadedModel
+from llmserve.engine.backend import ContextSpec, DecodeContext, LoadedModel
 from llmserve.engine.config import StepTimes
 from llmserve.engine.llama_model import LlamaError
 from llmserve.engine.simulated import TEXT, SimulatedBackend
@@ -27,8 +27,8 @@ def model() -> Iterator[LoadedModel]:
     loaded.close()
 
 
-def context(model: LoadedModel, sequences: int = 4):  # type: ignore[no-untyped-def]
-    return SimulatedBackend(TIMES).context(model, n_ctx=4096, n_batch=64, n_seq_max=sequences, threads=1)
+def context(model: LoadedModel, sequences: int = 4) -> DecodeContext:
+    return SimulatedBackend(TIMES).context(model, ContextSpec(n_ctx=4096, n_batch=64, n_seq_max=sequences, threads=1))
 
 
 def test_the_model_is_opened_for_its_vocabulary_and_metadata_only(model: LoadedModel) -> None:

@@ -8,6 +8,8 @@ tests, and is only ever chosen explicitly (``backend = "simulated"`` on a model)
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -59,22 +61,25 @@ class DecodeContext(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ContextSpec:
+    """The shape of a decode context."""
+
+    n_ctx: int  # KV cells, over all sequences
+    n_batch: int  # most tokens in one decode
+    n_seq_max: int
+    threads: int
+    embeddings: bool = False  # one embedding per token instead of logits
+    unified_kv: bool = False  # one KV stream shared by the sequences
+
+
 class Backend(Protocol):
     name: str  # as reported in /readyz and /v1/models
 
     def load(self, path: Path, *, gpu_layers: int) -> LoadedModel: ...
 
     def context(
-        self,
-        model: LoadedModel,
-        *,
-        n_ctx: int,
-        n_batch: int,
-        n_seq_max: int,
-        threads: int,
-        embeddings: bool = False,
-        unified_kv: bool = False,
-        decode_gate: DecodeGate | None = None,
+        self, model: LoadedModel, spec: ContextSpec, decode_gate: DecodeGate | None = None
     ) -> DecodeContext: ...
 
 
@@ -86,26 +91,6 @@ class LlamaBackend:
     def load(self, path: Path, *, gpu_layers: int) -> LoadedModel:
         return LlamaModel(path, gpu_layers=gpu_layers)
 
-    def context(
-        self,
-        model: LoadedModel,
-        *,
-        n_ctx: int,
-        n_batch: int,
-        n_seq_max: int,
-        threads: int,
-        embeddings: bool = False,
-        unified_kv: bool = False,
-        decode_gate: DecodeGate | None = None,
-    ) -> DecodeContext:
+    def context(self, model: LoadedModel, spec: ContextSpec, decode_gate: DecodeGate | None = None) -> DecodeContext:
         assert isinstance(model, LlamaModel)
-        return LlamaContext(
-            model,
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_seq_max=n_seq_max,
-            threads=threads,
-            embeddings=embeddings,
-            unified_kv=unified_kv,
-            decode_gate=decode_gate,
-        )
+        return LlamaContext(model, **dataclasses.asdict(spec), decode_gate=decode_gate)

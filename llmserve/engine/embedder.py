@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from llmserve.engine.backend import Backend, LoadedModel
+from llmserve.engine.backend import Backend, ContextSpec, LoadedModel
 from llmserve.engine.config import EngineConfig
 from llmserve.engine.jobs import Admitted, Embeddings, EmbeddingSpec, Finished, FinishReason, Job
 from llmserve.engine.llama_model import DecodeGate
@@ -32,17 +32,16 @@ class Embedder:
     def __init__(
         self, backend: Backend, model: LoadedModel, config: EngineConfig, decode_gate: DecodeGate | None = None
     ) -> None:
-        self._context = backend.context(
-            model,
+        spec = ContextSpec(
             # The input begun by the last decode, plus the rest of this decode's batch.
             n_ctx=config.embedding_context + BATCH_TOKENS,
             n_batch=BATCH_TOKENS,
             n_seq_max=MAX_SEQUENCES_PER_DECODE,
             threads=config.threads,
-            decode_gate=decode_gate,
             embeddings=True,
             unified_kv=True,
         )
+        self._context = backend.context(model, spec, decode_gate)
         self._job: int | None = None
         self._vectors: list[np.ndarray] = []  # of the inputs done, in order
         self._decoded = 0  # tokens of the next input already decoded (and in the KV cache)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from gevent import monkey
 
-from llmserve.engine.backend import Backend, DecodeContext, LoadedModel
+from llmserve.engine.backend import Backend, ContextSpec, DecodeContext, LoadedModel
 from llmserve.engine.config import EngineConfig
 from llmserve.engine.distribution import SamplingError, Scratch
 from llmserve.engine.embedder import Embedder, EmbeddingLane
@@ -178,14 +178,13 @@ class Engine:
             started = time.monotonic()
             self.model = self.backend.load(self._model_path(), gpu_layers=self.config.gpu_layers)
             self.vocab = self.model.vocab
-            context = self.backend.context(
-                self.model,
+            spec = ContextSpec(
                 n_ctx=self.config.context_length * self.config.parallel,
                 n_batch=self.config.batch_tokens,
                 n_seq_max=self.config.parallel,
                 threads=self.config.threads,
-                decode_gate=self._decode_gate,
             )
+            context = self.backend.context(self.model, spec, self._decode_gate)
             if self.config.embeddings:
                 embedder = Embedder(self.backend, self.model, self.config, self._decode_gate)
             self._warm_up(context, embedder)

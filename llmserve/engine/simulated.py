@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from gevent import monkey
 
-from llmserve.engine.backend import DecodeContext, LoadedModel
+from llmserve.engine.backend import ContextSpec, DecodeContext, LoadedModel
 from llmserve.engine.config import StepTimes
 from llmserve.engine.llama_model import DecodeGate, LlamaError, LlamaModel
 
@@ -41,19 +41,8 @@ class SimulatedBackend:
     def load(self, path: Path, *, gpu_layers: int) -> LoadedModel:
         return LlamaModel(path, gpu_layers=0, vocab_only=True)
 
-    def context(
-        self,
-        model: LoadedModel,
-        *,
-        n_ctx: int,
-        n_batch: int,
-        n_seq_max: int,
-        threads: int,
-        embeddings: bool = False,
-        unified_kv: bool = False,
-        decode_gate: DecodeGate | None = None,
-    ) -> DecodeContext:
-        return SimulatedContext(model, self.times, n_batch=n_batch, n_seq_max=n_seq_max)
+    def context(self, model: LoadedModel, spec: ContextSpec, decode_gate: DecodeGate | None = None) -> DecodeContext:
+        return SimulatedContext(model, self.times, n_batch=spec.n_batch, n_seq_max=spec.n_seq_max)
 
 
 class SimulatedContext:
