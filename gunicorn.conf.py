@@ -138,12 +138,13 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
 def post_worker_init(worker):  # type: ignore[no-untyped-def]
     """Start this worker's engine threads, which load the models, and its usage ledger; /readyz turns 200
     when the models are warm."""
-    from llmserve import accounting  # not at the top: it imports prometheus_client, which must first see
-    from llmserve.models import registry  # PROMETHEUS_MULTIPROC_DIR (the app, loaded by now, did)
+    from llmserve import accounting, tenancy  # not at the top: they import prometheus_client, which must
+    from llmserve.models import registry  # first see PROMETHEUS_MULTIPROC_DIR (the app, loaded by now, did)
 
     models = worker.wsgi.extensions[registry.EXTENSION]
     models.start()
     worker.wsgi.extensions[accounting.EXTENSION].start()
+    worker.wsgi.extensions[tenancy.EXTENSION].start()
     lifecycle.handle_worker_term(worker, models, worker.wsgi.extensions[lifecycle.IN_FLIGHT], graceful_timeout)
     gevent.spawn(lifecycle.watch_engines, worker, models, _settings.watchdog_timeout)
     if worker.joins_serving_workers:

@@ -9,6 +9,7 @@ from llmserve.accounting import Accounting
 from llmserve.api import routes
 from llmserve.lifecycle import InFlight
 from llmserve.models.registry import ModelRegistry
+from llmserve.proxies import TrustedProxies, networks
 from llmserve.quotas import Quotas
 from llmserve.settings import EXTENSION as SETTINGS_EXTENSION
 from llmserve.settings import Settings, load_settings
@@ -36,4 +37,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     Accounting(settings, llm_metrics).init_app(app)
     ModelRegistry(settings, llm_metrics, tenancy).init_app(app)
     routes.init_app(app, quotas)
+    if settings.trusted_proxies:
+        app.wsgi_app = TrustedProxies(app.wsgi_app, networks(settings.trusted_proxies))  # type: ignore[method-assign]
     return app

@@ -25,6 +25,7 @@ from llmserve.models.control import ModelControl, ModelControlError
 from llmserve.models.memory import MIB
 from llmserve.models.state import worker_statuses
 from llmserve.settings import CONFIG_ENV_VAR, ENV_PREFIX, ModelSettings, Settings, SettingsError, load_settings
+from llmserve.tenancy import open_key_store
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Settings that are tables in the TOML file rather than single values; the model's fields get options of
@@ -110,12 +111,16 @@ def config(config: Path | None, quiet: bool, **values: Any) -> None:
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke API keys (stored hashed in the state directory)."""
+    """Create, list and revoke API keys (stored hashed: in the state directory, or with key_store = "ledger"
+    in the ledger's database that every replica shares)."""
 
 
 def _key_store(config: Path | None) -> tuple[Settings, KeyStore]:
     settings = _apply(config, {})
-    return settings, KeyStore(settings.state_dir)
+    try:
+        return settings, open_key_store(settings)
+    except KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @keys.command("create")
@@ -130,7 +135,10 @@ def create_key(config: Path | None, tenant: str | None, admin: bool) -> None:
     if tenant is not None and tenant not in settings.tenants:
         known = ", ".join(sorted(settings.tenants)) or "none"
         raise click.ClickException(f"no tenant {tenant!r} is configured (configured: {known})")
-    record, key = store.create(tenant, admin=admin)
+    try:
+        record, key = store.create(tenant, admin=admin)
+    except KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(key)
     click.echo(
         f"key id {record.id} for {'admin' if admin else 'tenant ' + str(tenant)}; it is not shown again", err=True
@@ -142,7 +150,11 @@ def create_key(config: Path | None, tenant: str | None, admin: bool) -> None:
 def list_keys(config: Path | None) -> None:
     """List keys: id, owner, created, revoked."""
     _, store = _key_store(config)
-    for record in store.list():
+    try:
+        records = store.list()
+    except KeyStoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    for record in records:
         owner = "admin" if record.admin else f"tenant={record.tenant}"
         click.echo(f"{record.id}  {owner}  created={record.created}  revoked={record.revoked or '-'}")
 

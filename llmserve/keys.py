@@ -4,9 +4,12 @@ A key reads ``sk-llmserve-<id>-<secret>``. The id finds the stored record withou
 key's SHA-256 is then compared in constant time. The secret holds 256 random bits, so a fast hash is
 enough: there is nothing to brute-force that a slow hash would protect.
 
-The store is one JSON file in the state directory, written atomically under a file lock (the CLI and
-several workers may touch it at once). Workers re-read it when its modification time changes, so a
-created or revoked key takes effect on the next request, in every worker, without a reload.
+Two stores keep the records. ``FileKeyStore``, the default, is one JSON file in the state directory,
+written atomically under a file lock (the CLI and several workers may touch it at once); workers re-read
+it when it changes, so a created or revoked key takes effect on the next request, in every worker,
+without a reload. A fleet whose replicas share the ledger's database keeps them there instead
+(``key_store = "ledger"``, ``llmserve.ledger.keys``), so that a key created or revoked on one host
+holds on every host within ``key_refresh_interval`` seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hmac
 import json
 import os
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -63,7 +67,59 @@ def _key_id(presented: str) -> str | None:
 _NO_MATCH = _digest("no such key")
 
 
-class KeyStore:
+def new_key(tenant: str | None, *, admin: bool, taken: set[str]) -> tuple[ApiKey, str]:
+    """A new key for ``tenant`` (or an admin key) whose id is not in ``taken``: its record and the key."""
+    if (tenant is None) != admin:
+        raise KeyStoreError("a key belongs either to a tenant or to the administrator")
+    key_id = secrets.token_hex(_ID_BYTES)
+    while key_id in taken:
+        key_id = secrets.token_hex(_ID_BYTES)
+    presented = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
+    record = ApiKey(id=key_id, tenant=tenant, digest=_digest(presented), created=_now(), admin=admin)
+    return record, presented
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def revoked(record: ApiKey) -> ApiKey:
+    """``record`` revoked now, or as it is if it was revoked already."""
+    return replace(record, revoked=_now()) if record.active else record
+
+
+class KeyStore(ABC):
+    """Where the key records live; workers authenticate against it, the CLI changes it."""
+
+    @abstractmethod
+    def records(self) -> dict[str, ApiKey]:
+        """The records as this process knows them now, by id."""
+
+    @abstractmethod
+    def create(self, tenant: str | None, *, admin: bool = False) -> tuple[ApiKey, str]:
+        """A new key for ``tenant`` (or an admin key); returns the record and the key, shown only now."""
+
+    @abstractmethod
+    def revoke(self, key_id: str) -> ApiKey: ...
+
+    def authenticate(self, presented: str) -> ApiKey | None:
+        """The active key record for ``presented``, or None."""
+        key_id = _key_id(presented)
+        record = (self.records().get(key_id) or self.look_up_new(key_id)) if key_id else None
+        matches = hmac.compare_digest(_digest(presented), record.digest if record else _NO_MATCH)
+        return record if record is not None and matches and record.active else None
+
+    def look_up_new(self, key_id: str) -> ApiKey | None:
+        """A record that ``records`` did not hold: a store that keeps a snapshot may look again."""
+        return None
+
+    def list(self) -> list[ApiKey]:
+        return sorted(self.records().values(), key=lambda key: key.created)
+
+
+class FileKeyStore(KeyStore):
+    """The records in ``state_dir/keys.json``."""
+
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / KEYS_FILE
         self._keys: dict[str, ApiKey] = {}
@@ -80,11 +136,12 @@ class KeyStore:
             return None
         return status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size
 
-    def _refresh(self) -> None:
+    def records(self) -> dict[str, ApiKey]:
         stamp = self._stamp()
         if stamp != self._loaded_stamp:
             self._keys = self._read()
             self._loaded_stamp = stamp
+        return self._keys
 
     def _read(self) -> dict[str, ApiKey]:
         try:
@@ -94,18 +151,6 @@ class KeyStore:
         except (OSError, ValueError) as exc:
             raise KeyStoreError(f"cannot read the key store {self.path}: {exc}") from exc
         return {record["id"]: ApiKey(**record) for record in records}
-
-    def authenticate(self, presented: str) -> ApiKey | None:
-        """The active key record for ``presented``, or None."""
-        self._refresh()
-        key_id = _key_id(presented)
-        record = self._keys.get(key_id) if key_id else None
-        matches = hmac.compare_digest(_digest(presented), record.digest if record else _NO_MATCH)
-        return record if record is not None and matches and record.active else None
-
-    def list(self) -> list[ApiKey]:
-        self._refresh()
-        return sorted(self._keys.values(), key=lambda key: key.created)
 
     # -- writing (the CLI) -------------------------------------------------------------------------
 
@@ -126,22 +171,9 @@ class KeyStore:
             os.replace(temporary, self.path)
 
     def create(self, tenant: str | None, *, admin: bool = False) -> tuple[ApiKey, str]:
-        """A new key for ``tenant`` (or an admin key); returns the record and the key, shown only now."""
-        if (tenant is None) != admin:
-            raise KeyStoreError("a key belongs either to a tenant or to the administrator")
         with self._locked() as keys:
-            key_id = secrets.token_hex(_ID_BYTES)
-            while key_id in keys:
-                key_id = secrets.token_hex(_ID_BYTES)
-            presented = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
-            record = ApiKey(
-                id=key_id,
-                tenant=tenant,
-                digest=_digest(presented),
-                created=datetime.now(UTC).isoformat(timespec="seconds"),
-                admin=admin,
-            )
-            keys[key_id] = record
+            record, presented = new_key(tenant, admin=admin, taken=set(keys))
+            keys[record.id] = record
         return record, presented
 
     def revoke(self, key_id: str) -> ApiKey:
@@ -149,7 +181,5 @@ class KeyStore:
             record = keys.get(key_id)
             if record is None:
                 raise KeyStoreError(f"no key with id {key_id!r}")
-            if record.active:
-                record = replace(record, revoked=datetime.now(UTC).isoformat(timespec="seconds"))
-                keys[key_id] = record
+            keys[key_id] = record = revoked(record)
         return record

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from llmserve.engine.config import EngineConfig, StepTimes
 from llmserve.ledger.prices import PriceSettings
 from llmserve.ledger.settings import LedgerSettings
+from llmserve.proxies import networks
 
 CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
 EXTENSION = "llmserve.settings"  # where the app factory keeps the settings, for the request handlers
@@ -264,6 +265,11 @@ class Settings(BaseSettings):
         description="With tenants: client networks that may read /metrics and /readyz's engine details without "
         "the admin key (a request a proxy forwarded, with X-Forwarded-For or Forwarded, never counts).",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks of the balancers in front: from them, X-Forwarded-For names the "
+        "client (per-address limits, the request log); from anyone else it is ignored.",
+    )
     scheduling: Literal["fair", "fifo"] = Field(
         "fair", description="Who gets a free slot: weighted fair share of tokens, or first come first served."
     )
@@ -272,6 +278,17 @@ class Settings(BaseSettings):
     )
     rate_limit_timeout: float = Field(
         0.5, gt=0, le=30, description="Seconds a quota call waits for Redis (connect or answer) before failing open."
+    )
+    key_store: Literal["file", "ledger"] = Field(
+        "file",
+        description="Where API keys live: STATE_DIR/keys.json, or the ledger's database, shared by the replicas "
+        "of a fleet that share it.",
+    )
+    key_refresh_interval: float = Field(
+        2.0,
+        gt=0,
+        le=300,
+        description="With key_store = ledger: seconds until a created or revoked key holds everywhere.",
     )
     auth_failures_per_minute: int = Field(
         30, ge=1, le=100_000, description="Failed API-key attempts per client address before 429s."
@@ -369,6 +386,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"tenant name {name!r} must match {TENANT_NAME}")
         if self.loopback_only and self.host not in LOOPBACK_HOSTS:
             raise ValueError(keyless_refusal(f"host {self.host!r}"))
+        try:
+            networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ValueError(f"trusted_proxies: {exc}") from None
+        if self.key_store == "ledger" and not self.ledger.enabled:
+            raise ValueError("key_store = 'ledger' keeps the keys in the ledger's database: enable [ledger]")
         return self
 
     @property

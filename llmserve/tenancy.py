@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from flask import Flask, current_app
 
 from llmserve.errors import PermissionDenied
-from llmserve.keys import KeyStore
+from llmserve.keys import FileKeyStore, KeyStore
+from llmserve.ledger.keys import LedgerKeyStore
 from llmserve.request_context import current_request
 from llmserve.settings import Settings, TenantSettings
 from scheduler import TenantShare
@@ -56,17 +57,29 @@ class Principal:
         return self.tenant is None or self.anonymous
 
 
+def open_key_store(settings: Settings) -> KeyStore:
+    """The key store the settings name: the state directory's file, or the ledger's database."""
+    if settings.key_store == "ledger":
+        return LedgerKeyStore(settings.ledger.resolved_url(settings.state_dir), settings.key_refresh_interval)
+    return FileKeyStore(settings.state_dir)
+
+
 class Tenancy:
     def __init__(self, settings: Settings) -> None:
         configured = settings.tenants or {DEFAULT_TENANT: TenantSettings()}
         self.tenants = {name: Tenant(name, limits) for name, limits in configured.items()}
-        self.keys = KeyStore(settings.state_dir)
+        self.keys = open_key_store(settings)
         # Without tenants every caller is the default tenant, and may also use the admin endpoints.
         self.keyless = Principal(self.tenants[DEFAULT_TENANT], anonymous=True) if not settings.multi_tenant else None
         self.observer_networks = tuple(ipaddress.ip_network(network) for network in settings.metrics_networks)
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
+
+    def start(self) -> None:
+        """In a worker: keep a shared key store's snapshot fresh."""
+        if isinstance(self.keys, LedgerKeyStore):
+            self.keys.follow()
 
     def shares(self) -> dict[str, TenantShare]:
         return {name: tenant.share() for name, tenant in self.tenants.items()}

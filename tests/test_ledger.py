@@ -200,7 +200,7 @@ def test_opening_twice_migrates_once_and_the_schema_matches_the_tables(url: str)
         assert MigrationContext.configure(connection).get_current_revision() == head
         assert compare_metadata(MigrationContext.configure(connection), metadata) == []
         tables = set(inspect(connection).get_table_names())
-    assert tables == {"alembic_version", "usage_records", "usage_hourly"}
+    assert tables == {"alembic_version", "usage_records", "usage_hourly", "api_keys"}
     assert second.count() == 1
     first.close()
     second.close()

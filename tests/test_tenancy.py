@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 from llmserve.application import create_app
 from llmserve.cli import main
 from llmserve.errors import RateLimited
-from llmserve.keys import KeyStore
+from llmserve.keys import FileKeyStore
 from llmserve.quotas import Quotas, current_quotas
 from llmserve.settings import Settings, SettingsError, TenantSettings, load_settings
 from llmserve.tenancy import Tenant
@@ -37,8 +37,8 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def store(settings: Settings) -> KeyStore:
-    return KeyStore(settings.state_dir)
+def store(settings: Settings) -> FileKeyStore:
+    return FileKeyStore(settings.state_dir)
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def test_a_key_is_stored_only_as_a_hash_in_a_private_file(store: KeyStore) -> None:
+def test_a_key_is_stored_only_as_a_hash_in_a_private_file(store: FileKeyStore) -> None:
     record, key = store.create("alpha")
     assert key.startswith("sk-llmserve-") and record.id in key
     content = store.path.read_text()
@@ -64,9 +64,9 @@ def test_a_key_is_stored_only_as_a_hash_in_a_private_file(store: KeyStore) -> No
     assert store.authenticate("") is None
 
 
-def test_a_revoked_key_is_refused_by_a_store_that_already_loaded_it(store: KeyStore, settings: Settings) -> None:
+def test_a_revoked_key_is_refused_by_a_store_that_already_loaded_it(store: FileKeyStore, settings: Settings) -> None:
     _, key = store.create("alpha")
-    worker_view = KeyStore(settings.state_dir)
+    worker_view = FileKeyStore(settings.state_dir)
     assert worker_view.authenticate(key) is not None
     record = store.create("alpha")[0]
     store.revoke(store.list()[0].id)
@@ -74,7 +74,7 @@ def test_a_revoked_key_is_refused_by_a_store_that_already_loaded_it(store: KeySt
     assert [k.id for k in worker_view.list() if k.active] == [record.id]
 
 
-def test_missing_and_wrong_keys_get_openai_401s(client: FlaskClient, store: KeyStore) -> None:
+def test_missing_and_wrong_keys_get_openai_401s(client: FlaskClient, store: FileKeyStore) -> None:
     response = client.get("/v1/models")
     assert response.status_code == 401
     assert response.json["error"]["code"] == "missing_api_key"
@@ -88,7 +88,7 @@ def test_missing_and_wrong_keys_get_openai_401s(client: FlaskClient, store: KeyS
     }
 
 
-def test_bearer_and_x_api_key_are_both_accepted(client: FlaskClient, store: KeyStore) -> None:
+def test_bearer_and_x_api_key_are_both_accepted(client: FlaskClient, store: FileKeyStore) -> None:
     _, key = store.create("alpha")
     assert client.get("/v1/models", headers=bearer(key)).status_code == 200
     assert client.get("/v1/models", headers={"x-api-key": key}).status_code == 200
@@ -100,7 +100,7 @@ def test_probes_and_metrics_need_no_key(client: FlaskClient) -> None:
     assert client.get("/metrics").status_code == 200
 
 
-def test_a_tenant_sees_only_the_models_it_may_use(client: FlaskClient, store: KeyStore) -> None:
+def test_a_tenant_sees_only_the_models_it_may_use(client: FlaskClient, store: FileKeyStore) -> None:
     _, alpha = store.create("alpha")
     _, beta = store.create("beta")
     listed = [m["id"] for m in client.get("/v1/models", headers=bearer(alpha)).json["data"]]
@@ -114,7 +114,7 @@ def test_a_tenant_sees_only_the_models_it_may_use(client: FlaskClient, store: Ke
         assert response.json["error"]["code"] == "model_not_found"
 
 
-def test_admin_endpoints_need_the_admin_key(client: FlaskClient, store: KeyStore) -> None:
+def test_admin_endpoints_need_the_admin_key(client: FlaskClient, store: FileKeyStore) -> None:
     _, tenant_key = store.create("alpha")
     _, admin_key = store.create(None, admin=True)
     assert client.get("/v1/tenants", headers=bearer(tenant_key)).status_code == 403
@@ -127,7 +127,9 @@ def test_admin_endpoints_need_the_admin_key(client: FlaskClient, store: KeyStore
     assert refused.json["error"]["code"] == "permission_denied"
 
 
-def test_with_tenants_the_metrics_need_the_admin_key_or_a_trusted_network(client: FlaskClient, store: KeyStore) -> None:
+def test_with_tenants_the_metrics_need_the_admin_key_or_a_trusted_network(
+    client: FlaskClient, store: FileKeyStore
+) -> None:
     """The metrics name every tenant and its traffic; loopback is trusted by default, a proxied request
     (X-Forwarded-For) and any other address are not."""
     _, tenant_key = store.create("alpha")
@@ -152,7 +154,7 @@ def test_without_tenants_anyone_who_reaches_the_server_reads_the_metrics(tmp_pat
     assert client.get("/metrics", environ_base={"REMOTE_ADDR": "203.0.113.9"}).status_code == 200
 
 
-def test_a_tenant_sees_its_own_limits_and_what_is_left(client: FlaskClient, store: KeyStore) -> None:
+def test_a_tenant_sees_its_own_limits_and_what_is_left(client: FlaskClient, store: FileKeyStore) -> None:
     _, key = store.create("alpha")
     client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}, headers=bearer(key))
     me = client.get("/v1/tenants/me", headers=bearer(key)).json
@@ -161,7 +163,7 @@ def test_a_tenant_sees_its_own_limits_and_what_is_left(client: FlaskClient, stor
     assert me["quota_remaining"]["requests"]["remaining"] == 1
 
 
-def test_the_request_quota_answers_429_with_retry_after(client: FlaskClient, store: KeyStore) -> None:
+def test_the_request_quota_answers_429_with_retry_after(client: FlaskClient, store: FileKeyStore) -> None:
     _, key = store.create("alpha")
     _, other = store.create("beta")
     body = {"model": MODEL, "prompt": "hi"}
@@ -183,7 +185,7 @@ def test_the_request_quota_answers_429_with_retry_after(client: FlaskClient, sto
 def test_repeated_bad_keys_from_one_address_get_429_but_good_keys_pass(settings: Settings) -> None:
     app = create_app(settings.model_copy(update={"auth_failures_per_minute": 3}))
     client = app.test_client()
-    _, good = KeyStore(settings.state_dir).create("alpha")
+    _, good = FileKeyStore(settings.state_dir).create("alpha")
     statuses = [client.get("/v1/models", headers=bearer(f"sk-llmserve-x{i}-y")).status_code for i in range(5)]
     assert statuses == [401, 401, 401, 429, 429]
     assert client.get("/v1/models", headers=bearer(good)).status_code == 200
@@ -230,7 +232,7 @@ def test_the_keys_commands_create_list_and_revoke(tmp_path: Path, monkeypatch: p
     key_id = listed.stdout.split()[0]
     assert "tenant=alpha" in listed.stdout and "revoked=-" in listed.stdout
     assert runner.invoke(main, ["keys", "revoke", "--config", str(config), key_id]).exit_code == 0
-    assert KeyStore(tmp_path / "state").authenticate(key) is None
+    assert FileKeyStore(tmp_path / "state").authenticate(key) is None
     records = json.loads((tmp_path / "state" / "keys.json").read_text())
     assert records[0]["revoked"] is not None
 

@@ -33,7 +33,7 @@ from llmserve.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from llmserve.keys import KeyStore
+from llmserve.keys import FileKeyStore
 from llmserve.ledger.owner import JOBS_LOCK, OwnerLock
 from llmserve.ledger.prices import ModelPrice, PriceSettings
 from llmserve.ledger.report import parse_moment
@@ -211,7 +211,7 @@ def test_without_a_started_ledger_records_are_counted_but_not_stored(app: Flask)
 def usage_app(tmp_path: Path) -> Iterator[tuple[FlaskClient, dict[str, str]]]:
     tenants = {"alpha": TenantSettings(), "beta": TenantSettings()}
     app = create_app(Settings(cache_dir=tmp_path / "cache", state_dir=tmp_path / "state", tenants=tenants))
-    store = KeyStore(tmp_path / "state")
+    store = FileKeyStore(tmp_path / "state")
     keys = {
         "alpha": store.create("alpha")[1],
         "beta": store.create("beta")[1],

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     ColumnElement,
     DateTime,
@@ -110,6 +111,18 @@ usage_hourly = Table(
     Column("engine_seconds", Double(), nullable=False),
     Column("cost", Double(), nullable=False),
     Index("ix_usage_hourly_tenant_hour", "tenant", "hour"),
+)
+
+# API keys, when a fleet keeps them in the ledger's database (``llmserve.ledger.keys``): digests only.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant", String(64)),
+    Column("digest", String(64), nullable=False),
+    Column("created", String(32), nullable=False),
+    Column("revoked", String(32)),
+    Column("admin", Boolean(), nullable=False),
 )
 
 # The sums every report row carries, in this order.

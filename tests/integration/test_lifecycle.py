@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmserve.keys import KeyStore
+from llmserve.keys import FileKeyStore
 from tests.integration.conftest import MODEL, Server, long_stream_body, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.slow
@@ -122,7 +122,7 @@ def test_a_second_sigterm_stops_at_once(tmp_path: Path) -> None:
 def test_sighup_applies_a_changed_tenant_file_while_a_stream_completes(tmp_path: Path) -> None:
     server = start_server(tmp_path, config="[tenants.alpha]\n", model__parallel="2")
     try:
-        store = KeyStore(tmp_path / "state")
+        store = FileKeyStore(tmp_path / "state")
         alpha, beta = store.create("alpha")[1], store.create("beta")[1]  # beta is not configured yet
 
         def beta_models():

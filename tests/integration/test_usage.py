@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
-from llmserve.keys import KeyStore
+from llmserve.keys import FileKeyStore
 from llmserve.ledger.owner import JOBS_LOCK, OwnerLock
 from llmserve.ledger.settings import default_url
 from llmserve.ledger.store import Ledger, usage_records
@@ -122,7 +122,7 @@ def fresh_postgres_database() -> Iterator[str]:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     directory = tmp_path_factory.mktemp(f"usage-{request.param}")
-    store = KeyStore(directory / "state")
+    store = FileKeyStore(directory / "state")
     issued = {"alpha": store.create("alpha"), "beta": store.create("beta"), "admin": store.create(None, admin=True)}
     keys = {who: key for who, (_, key) in issued.items()}
     key_ids = {who: record.id for who, (record, _) in issued.items()}
