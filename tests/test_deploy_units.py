@@ -28,6 +28,7 @@ from tests.conftest import missing_service
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "systemd" / "llmserve.service"
 SOCKET = ROOT / "systemd" / "llmserve.socket"
+TEMPLATE = ROOT / "systemd" / "llmserve@.service"
 ENV_FILE = ROOT / "systemd" / "llmserve.env"
 K8S = ROOT / "deploy" / "k8s"
 K8S_BASE = K8S / "base"
@@ -161,6 +162,43 @@ def test_systemd_accepts_the_service_and_socket(tmp_path: Path) -> None:
 
 def test_systemd_accepts_the_service_with_the_gpu_lines(tmp_path: Path) -> None:
     verify(tmp_path, {"llmserve.service": with_gpu_block(SERVICE.read_text())})
+
+
+def test_systemd_accepts_an_instance_of_the_template(tmp_path: Path) -> None:
+    verify(tmp_path, {"llmserve@gpu0.service": TEMPLATE.read_text()})
+
+
+# What makes a template instance itself; every other line is llmserve.service's.
+INSTANCE_LINES = {
+    ("Unit", "Description"): "llmserve OpenAI-compatible LLM server (llama.cpp), instance %i",
+    ("Service", "StateDirectory"): "llmserve/%i",
+    ("Service", "RuntimeDirectory"): "llmserve/%i",
+    ("Service", "SyslogIdentifier"): "llmserve@%i",
+}
+INSTANCE_ENVIRONMENT = {
+    "LLMSERVE_STATE_DIR": "/var/lib/llmserve/%i",
+    "PROMETHEUS_MULTIPROC_DIR": "/run/llmserve/%i/metrics",
+}
+
+
+def test_the_template_is_the_service_but_for_the_instance() -> None:
+    """Each instance has its own state directory (its worker reports, summed by its agent check), runtime
+    directory and environment file (its ports); the rest, hardening and lifecycle included, stays in step."""
+    service, template = Unit.parse(SERVICE.read_text()), Unit.parse(TEMPLATE.read_text())
+    instance_keys = {*INSTANCE_LINES, ("Service", "Environment"), ("Service", "EnvironmentFile")}
+
+    def shared(unit: Unit) -> list[tuple[str, str, str]]:
+        return [entry for entry in unit.entries if entry[:2] not in instance_keys]
+
+    assert shared(template) == shared(service)
+    for (section, key), value in INSTANCE_LINES.items():
+        assert template.get(section, key) == value
+    assert template.environment() == service.environment() | INSTANCE_ENVIRONMENT
+    assert template.values("Service", "EnvironmentFile") == [
+        *service.values("Service", "EnvironmentFile"),
+        "/etc/llmserve/%i.env",  # its port and agent port: an instance without it would take the default port
+    ]
+    assert gpu_lines(TEMPLATE.read_text()) == gpu_lines(SERVICE.read_text())
 
 
 def test_the_verify_check_catches_a_bad_unit(tmp_path: Path) -> None:
