@@ -15,7 +15,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,18 @@ def instances(base: Path, count: int, *, agent: bool, config: str, **settings: s
         directory.mkdir()
         made.append(Instance(directory, free_port(), free_port() if agent else None, config, settings))
     return made
+
+
+@contextmanager
+def running(fleet: list[Instance]) -> Iterator[list[Instance]]:
+    """The instances started, and stopped however the block ends (also when one of them fails to start)."""
+    try:
+        for member in fleet:
+            member.start()
+        yield fleet
+    finally:
+        for member in fleet:
+            member.stop()
 
 
 @dataclass

@@ -22,6 +22,7 @@ from tests.integration.fleet import (
     Instance,
     Load,
     instances,
+    running,
     simulated_config,
     start_haproxy,
     stream,
@@ -33,15 +34,12 @@ from tests.integration.fleet import (
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Instance], HAProxy]]:
     base = tmp_path_factory.mktemp("fleet")
     members = instances(base, 3, agent=True, config=simulated_config(), drain_notice="2", graceful_timeout="20")
-    for member in members:
-        member.start()
-    proxy = start_haproxy(base, members)
-    try:
-        yield members, proxy
-    finally:
-        proxy.stop()
-        for member in members:
-            member.stop()
+    with running(members):
+        proxy = start_haproxy(base, members)
+        try:
+            yield members, proxy
+        finally:
+            proxy.stop()
 
 
 def all_up(servers: dict[str, dict[str, str]]) -> bool:

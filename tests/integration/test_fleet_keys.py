@@ -15,7 +15,15 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.integration.conftest import LLMSERVE, cli_env, wait_for
-from tests.integration.fleet import FLEET_MODEL, HAProxy, Instance, instances, simulated_config, start_haproxy
+from tests.integration.fleet import (
+    FLEET_MODEL,
+    HAProxy,
+    Instance,
+    instances,
+    running,
+    simulated_config,
+    start_haproxy,
+)
 from tests.ledger_support import POSTGRES_URL, postgres_object
 
 TENANT = "\n[tenants.alpha]\nweight = 1\n"
@@ -39,13 +47,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Instance]]:
             rate_limit_storage="redis://127.0.0.1:6379/14",
             auth_failures_per_minute=str(AUTH_FAILURES),
         )
-        for member in members:
-            member.start()
-        try:
+        with running(members):
             yield members
-        finally:
-            for member in members:
-                member.stop()
 
 
 def cli(member: Instance, *arguments: str) -> str:

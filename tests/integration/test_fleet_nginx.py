@@ -17,6 +17,7 @@ from tests.integration.fleet import (
     Instance,
     Load,
     instances,
+    running,
     simulated_config,
     start_nginx,
     stream,
@@ -27,15 +28,12 @@ from tests.integration.fleet import (
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Instance], Balancer]]:
     base = tmp_path_factory.mktemp("nginx-fleet")
     members = instances(base, 2, agent=False, config=simulated_config(), graceful_timeout="20")
-    for member in members:
-        member.start()
-    balancer = start_nginx(base, members)
-    try:
-        yield members, balancer
-    finally:
-        balancer.stop()
-        for member in members:
-            member.stop()
+    with running(members):
+        balancer = start_nginx(base, members)
+        try:
+            yield members, balancer
+        finally:
+            balancer.stop()
 
 
 def generated(instance: Instance) -> int:
