@@ -40,7 +40,7 @@ from llmserve.engine.jobs import (
 )
 from llmserve.engine.llama_model import DecodeGate, LlamaError, Vocabulary
 from llmserve.engine.sampling import Sampler, greedy_token, token_logprob
-from llmserve.engine.slots import Fed, Slot, charge_step, common_prefix
+from llmserve.engine.slots import Fed, Slot, charge_step, common_prefix, slot_for
 from llmserve.engine.stats import EngineStats, StatsRecorder, StepSample, TenantLoad
 from scheduler import DrainRate, FairScheduler, MonotonicClock, QueueFullError, TenantQueueFullError, TenantShare
 from scheduler.fair import Policy
@@ -54,7 +54,7 @@ _native_thread_id = monkey.get_original("_thread", "get_native_id")
 
 IDLE_WAIT = 0.5  # seconds the idle engine sleeps on its inbox before it reports liveness again
 # Copying another slot's KV cells copies that slot's whole cache stream; below this many shared tokens
-# recomputing them is cheaper.
+# recomputing them is cheaper. Nor is reusing so short a prefix worth evicting another cached prompt.
 MIN_SHARED_PREFIX = 64
 SHUTTING_DOWN = Rejected(RejectReason.SHUTTING_DOWN, 1.0)  # what a job the engine will not run is told
 
@@ -102,6 +102,7 @@ class Engine:
         self._drain = DrainRate(self._clock)
         self._tenant_drain: dict[str, DrainRate] = {}
         self._slots = [Slot(i) for i in range(config.parallel)]
+        self._admissions = 0  # jobs admitted so far: orders the slots by last use
         self._stats = StatsRecorder(config.parallel)
         self._embeddings = EmbeddingLane(embed_scheduler, self._stats, self._record_finished)
         self._stopping = False
@@ -352,8 +353,10 @@ class Engine:
             assert isinstance(job.spec, GenerationSpec)
             spec = job.spec
             # Reuse the longest cached prefix; the last prompt token is always decoded again for logits.
-            slot = max(free, key=lambda s: common_prefix(s.cached, spec.prompt))
+            slot = slot_for(self._slots, free, spec.prompt, MIN_SHARED_PREFIX)
             free.remove(slot)
+            self._admissions += 1
+            slot.admitted = self._admissions
             reuse = context.forget(slot.index, min(common_prefix(slot.cached, spec.prompt), len(spec.prompt) - 1))
             del slot.cached[reuse:]
             slot.job, slot.spec, slot.prefilled, slot.generated = job, spec, reuse, 0

@@ -147,3 +147,19 @@ def test_a_follow_up_request_reuses_the_cached_conversation(client: openai.OpenA
     assert result.usage is not None and result.usage.prompt_tokens_details is not None
     assert answer.usage is not None
     assert result.usage.prompt_tokens_details.cached_tokens >= answer.usage.prompt_tokens - 1
+
+
+def test_another_sessions_prompt_does_not_evict_a_cached_one(client: openai.OpenAI) -> None:
+    """Two sessions whose prompts share only an opening phrase, taking turns: each finds its own prompt
+    still cached, because the second one went to a free slot instead of over the first's cache."""
+    opening = "You are a helpful assistant. "
+    sessions = [
+        opening + f"Session {name}: " + f"notes on the {topic} and its history. " * 12
+        for name, topic in [("one", "lighthouse of the northern cape"), ("two", "salt marshes of the southern estuary")]
+    ]
+    for prompt in sessions:
+        client.completions.create(model=MODEL, prompt=prompt + "First question?", max_tokens=2, temperature=0)
+    for prompt in sessions:
+        result = client.completions.create(model=MODEL, prompt=prompt + "Next?", max_tokens=2, temperature=0)
+        assert result.usage is not None and result.usage.prompt_tokens_details is not None
+        assert result.usage.prompt_tokens_details.cached_tokens >= result.usage.prompt_tokens - 8, result.usage
