@@ -19,9 +19,9 @@ most it held at once, and the prefix-cache hit ratio are reported. Scenarios:
 - ``real``: a smoke figure with 2 real replicas of the embedded Gemma (llama.cpp, one thread each);
   leastconn and agent::
 
-    .venv/bin/python bench/fleet.py balance --load 0.7 0.9 --requests 1000 --json docs/benchmark-fleet.json
-    .venv/bin/python bench/fleet.py slow --load 0.9 --requests 600 --json docs/benchmark-fleet-slow.json
-    .venv/bin/python bench/fleet.py affinity --load 0.7 --requests 400 --json docs/benchmark-fleet-affinity.json
+    .venv/bin/python bench/fleet.py balance --load 0.7 0.9 --requests 2000 --json docs/benchmark-fleet.json
+    .venv/bin/python bench/fleet.py slow --load 0.9 --requests 1000 --json docs/benchmark-fleet-slow.json
+    .venv/bin/python bench/fleet.py affinity --load 0.3 --requests 400 --json docs/benchmark-fleet-affinity.json
     .venv/bin/python bench/fleet.py real --load 0.5 --requests 200 --json docs/benchmark-fleet-real.json
 """
 

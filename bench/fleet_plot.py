@@ -14,7 +14,8 @@ from typing import Any
 
 
 def label(report: dict[str, Any], run: dict[str, Any]) -> str:
-    return f"{report['scenario']} {run['load']:.0%}\n{run['arm']}"
+    kind = "SIMULATED" if report["simulated"] else "real"
+    return f"{report['scenario']} {run['load']:.0%}\n{run['arm']} ({kind})"
 
 
 def table(runs: list[tuple[dict[str, Any], dict[str, Any]]]) -> str:
@@ -57,7 +58,7 @@ def main() -> None:
         latency.bar([p + offset for p in positions], [run["ttft_ms"][stat] for _, run in runs], 0.4, label=stat)
     latency.set_yscale("log")
     latency.set_ylabel("TTFT (ms, log)")
-    latency.set_title("SIMULATED replicas behind HAProxy: time to first token")
+    latency.set_title("Replicas behind HAProxy (each bar says whether they were SIMULATED): time to first token")
     latency.legend()
     replicas = sorted({name for _, run in runs for name in run["share"]})
     width = 0.8 / len(replicas)
@@ -65,7 +66,7 @@ def main() -> None:
         offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
         share.bar(offsets, [run["share"].get(name, 0) for _, run in runs], width, label=name)
         held.bar(offsets, [run["max_held"].get(name, 0) for _, run in runs], width, label=name)
-    share.axhline(1.25 / len(replicas), color="grey", linestyle=":", linewidth=1)
+    share.axhline(1.25 / len(replicas), color="grey", linestyle=":", linewidth=1)  # 1.25/N of the largest fleet
     share.set_ylabel("share of requests")
     share.legend(fontsize=7, ncol=len(replicas))
     held.set_ylabel("most requests held at once")
