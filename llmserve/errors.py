@@ -147,6 +147,14 @@ class EngineFailure(APIError):
     code = "engine_error"
 
 
+class GrammarBudgetExceeded(APIError):
+    """The request's structured output or tool grammar cost the engine more than the model allows."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "grammar_budget_exceeded"
+
+
 def from_validation_error(exc: ValidationError) -> InvalidRequest:
     """Name the first offending parameter the way OpenAI does (``messages[0].content``)."""
     first = exc.errors()[0]

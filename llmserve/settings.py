@@ -105,6 +105,13 @@ class ModelSettings(BaseModel):
     batch_tokens: int = Field(512, ge=32, le=65_536, description="Most tokens in one engine step.")
     gpu_layers: int = Field(0, ge=-1, le=10_000, description="Layers offloaded to a GPU (-1 all).")
     embeddings: bool = Field(True, description="Serve /v1/embeddings from a second, pooled context.")
+    grammar_scan_budget: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="Seconds of the engine thread one sequence's grammar may spend matching the whole vocabulary "
+        "(when it allows none of the 4,096 likeliest tokens); past them the sequence ends with an error.",
+    )
     embedding_context: int = Field(2048, ge=64, le=65_536, description="Longest embedding input in tokens.")
     backend: Literal["llama.cpp", "simulated"] = Field(
         "llama.cpp",

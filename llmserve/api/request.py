@@ -259,7 +259,7 @@ def compile_grammar(model: ServedModel, grammar: str) -> Grammar:
     is the server's error."""
     vocab = model.vocab
     try:
-        return off_hub(Grammar, vocab, grammar)
+        return off_hub(Grammar, vocab, grammar, model.settings.grammar_scan_budget)
     except GrammarError:
         log.error("llama.cpp refused a generated grammar of %d bytes", len(grammar))
         raise APIError("The server could not compile the grammar for this request; see its log.") from None

@@ -31,6 +31,7 @@ from llmserve.errors import (
     APIError,
     ClientDisconnected,
     EngineFailure,
+    GrammarBudgetExceeded,
     QueueFull,
     QueueTimeout,
     RateLimited,
@@ -264,6 +265,8 @@ class GenerationRun:
                 self.cancelled_by = "shutting_down"
                 raise _shutting_down()  # nobody here cancelled it: the engine is stopping
             self.cancelled_by = "engine_error"
+            if event.failure is not None:
+                raise GrammarBudgetExceeded(event.failure)
             raise EngineFailure("The engine stopped this generation; retry the request.")
         if isinstance(event, Rejected):
             raise rejection_error(event)

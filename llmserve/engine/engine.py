@@ -24,7 +24,7 @@ from llmserve.engine.backend import Backend, ContextSpec, DecodeContext, LoadedM
 from llmserve.engine.config import EngineConfig
 from llmserve.engine.distribution import SamplingError, Scratch
 from llmserve.engine.embedder import Embedder, EmbeddingLane
-from llmserve.engine.grammar import GrammarError
+from llmserve.engine.grammar import GrammarBudgetExhausted, GrammarError
 from llmserve.engine.jobs import (
     Admitted,
     EmbeddingSpec,
@@ -533,7 +533,7 @@ class Engine:
         if self._outbox is not None:
             self._outbox.append((job, event))
         elif isinstance(event, FinishReason):
-            job.sink.push(Finished(event, job.engine_seconds))
+            job.sink.push(Finished(event, job.engine_seconds, job.failure))
         else:
             job.sink.push(event)
 
@@ -547,6 +547,8 @@ class Engine:
                 token = slot.sampler.sample(logits)
             except (GrammarError, SamplingError) as exc:  # this sequence's own row: it alone ends
                 log.error("engine %s: job %d stopped: %s", self.config.id, slot.job.id, exc)
+                if isinstance(exc, GrammarBudgetExhausted):
+                    slot.job.failure = str(exc)
                 self._retire(slot, FinishReason.ERROR)
                 return
         logprob = None

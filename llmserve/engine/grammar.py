@@ -8,12 +8,17 @@ microseconds); only when the grammar rejects that token is it sampled again from
 grammar allows. Those are looked for among the ``BLOCK`` most likely tokens first, and in the whole
 vocabulary only if none of those is allowed. For greedy decoding that gives exactly the best allowed
 token; a sampled token then comes from the ``BLOCK`` most likely allowed ones (a top-k of 4096).
+
+A grammar can force that whole-vocabulary scan on every token (a schema whose next characters the model
+finds unlikely), and every stream of the engine waits while it runs: each grammar has a budget of engine
+seconds for such scans, past which its sequence ends with ``GrammarBudgetExhausted``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import time
 import weakref
 
 import llama_cpp as lc
@@ -28,6 +33,11 @@ BLOCK = 4096  # the most likely tokens a rejected token's replacement is looked 
 
 class GrammarError(Exception):
     """llama.cpp refused the grammar, or the grammar allows no token at all."""
+
+
+class GrammarBudgetExhausted(GrammarError):
+    """The grammar's whole-vocabulary scans took its budget of engine time: the request's fault, so its
+    message is for the client."""
 
 
 class Candidates:
@@ -67,9 +77,10 @@ class Candidates:
 
 class Grammar:
     """A GBNF grammar (rule ``root``) matched against one sequence's output. Compiled on any thread, then
-    used by one thread at a time; ``close`` it when its sequence ends."""
+    used by one thread at a time; ``close`` it when its sequence ends. ``scan_budget``: seconds its
+    whole-vocabulary scans may take in all."""
 
-    def __init__(self, vocab: Vocabulary, text: str) -> None:
+    def __init__(self, vocab: Vocabulary, text: str, scan_budget: float = math.inf) -> None:
         pointer = lc.llama_sampler_init_grammar(vocab.pointer, text.encode(), b"root")
         if not pointer:
             raise GrammarError("llama.cpp refused the grammar")
@@ -79,6 +90,9 @@ class Grammar:
         self._one = (lc.llama_token_data * 1)()
         self._single = lc.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
         self._candidates: Candidates | None = None  # allocated on the first rejected token
+        self.scan_budget = scan_budget
+        self.scans = 0
+        self.scan_seconds = 0.0
 
     def allows(self, token: int) -> bool:
         """Whether ``token`` may come next: the grammar applied to a one-candidate array."""
@@ -101,7 +115,17 @@ class Grammar:
             restricted = np.full_like(logits, -np.inf)
             restricted[block] = kept
             return restricted
+        if self.scan_seconds >= self.scan_budget:
+            raise GrammarBudgetExhausted(
+                f"The output's grammar allowed none of the model's {BLOCK} likeliest next tokens {self.scans + 1} "
+                f"times; matching it against the whole vocabulary took {self.scan_seconds:.2f} s of the engine, "
+                f"past the model's grammar_scan_budget of {self.scan_budget:g} s. Loosen the schema or the "
+                "prompt so that the model's likely output fits it."
+            )
+        started = time.perf_counter()
         lc.llama_sampler_apply(self.pointer, ctypes.byref(candidates.fill(logits)))
+        self.scans += 1
+        self.scan_seconds += time.perf_counter() - started
         restricted = candidates.logits()
         if not np.isfinite(restricted).any():
             raise GrammarError("the grammar allows no token")

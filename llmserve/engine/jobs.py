@@ -144,6 +144,7 @@ class Finished:
 
     reason: FinishReason
     engine_seconds: float = 0.0
+    failure: str | None = None  # with ERROR: the request's grammar was too costly, and what to tell its client
 
 
 Event = Admitted | PrefixCopied | Rejected | Token | Embeddings | Finished
@@ -161,8 +162,8 @@ class Job:
 
     ``stop_reason`` is the one field the request side writes: set, it asks the engine to end the job
     (CANCELLED when the client left, STOP when a stop sequence was found) before its next step.
-    ``engine_seconds`` is written by the engine thread only, and read by the request side only through
-    the ``Finished`` event.
+    ``engine_seconds`` and ``failure`` are written by the engine thread only, and read by the request
+    side only through the ``Finished`` event.
     """
 
     spec: GenerationSpec | EmbeddingSpec
@@ -174,6 +175,7 @@ class Job:
     id: int = field(default_factory=lambda: next(_job_ids))
     stop_reason: FinishReason | None = None
     engine_seconds: float = 0.0
+    failure: str | None = None
 
     @property
     def cancelled(self) -> bool:
