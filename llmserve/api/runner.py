@@ -175,7 +175,7 @@ class GenerationRun:
             if isinstance(event, Rejected):
                 raise rejection_error(event)
             if isinstance(event, Finished) and event.reason is FinishReason.ERROR:
-                raise EngineFailure("The engine could not start this generation.")
+                raise _engine_error(event, "The engine could not start this generation.")
             if isinstance(event, Finished):
                 raise _shutting_down()  # the engine ended a job that had not even started
             if isinstance(event, Admitted):
@@ -265,9 +265,7 @@ class GenerationRun:
                 self.cancelled_by = "shutting_down"
                 raise _shutting_down()  # nobody here cancelled it: the engine is stopping
             self.cancelled_by = "engine_error"
-            if event.failure is not None:
-                raise GrammarBudgetExceeded(event.failure)
-            raise EngineFailure("The engine stopped this generation; retry the request.")
+            raise _engine_error(event, "The engine stopped this generation; retry the request.")
         if isinstance(event, Rejected):
             raise rejection_error(event)
         return None
@@ -286,3 +284,12 @@ class GenerationRun:
             self._engine.cancel(self._jobs[tag])
             self.usage.completion_tokens += self._texts[tag].tokens
         self._open.clear()
+
+
+def _engine_error(event: Finished, message: str) -> APIError:
+    """The error for a job the engine ended: the request's own fault when the engine says so (a grammar
+    past its budget; one choice of several may end so while another still waits for a slot), else the
+    engine's, with ``message``."""
+    if event.failure is not None:
+        return GrammarBudgetExceeded(event.failure)
+    return EngineFailure(message)
