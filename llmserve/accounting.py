@@ -55,7 +55,12 @@ STOP_JOBS_TIMEOUT = 0.2
 STOP_WRITER_TIMEOUT = 0.3
 # With several choices the record names the one that ended least cleanly; other reasons rank as 1.
 _FINISH_SEVERITY = {"stop": 0, "length": 2}
-_CANCEL_REASONS = {"client_disconnected": "cancelled", "shutting_down": "shutting_down", "engine_error": "error"}
+_CANCEL_REASONS = {
+    "client_disconnected": "cancelled",
+    "shutting_down": "shutting_down",
+    "engine_error": "error",
+    "grammar_budget_exceeded": "error",
+}
 
 
 class EngineWork(Protocol):

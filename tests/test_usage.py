@@ -129,6 +129,7 @@ def test_refusals_at_the_door_are_not_recorded(error: BaseException) -> None:
         ({0: "stop"}, "client_disconnected", "cancelled"),
         ({}, "shutting_down", "shutting_down"),
         ({}, "engine_error", "error"),
+        ({}, "grammar_budget_exceeded", "error"),
     ],
 )
 def test_a_generation_has_one_finish_reason(reasons: dict[int, str], cancelled_by: str | None, expected: str) -> None:

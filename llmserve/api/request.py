@@ -29,6 +29,7 @@ from llmserve.errors import (
     ClientDisconnected,
     ContextLengthExceeded,
     EngineFailure,
+    GrammarBudgetExceeded,
     InvalidRequest,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -364,8 +365,9 @@ def _outcome(
     run: GenerationRun, started: float, finish_reasons: dict[int, str], error: BaseException | None
 ) -> Outcome:
     """What a generation that held a slot did, for the canary judge: an error other than the client
-    leaving is a failure; the first choice's finish reason stands for the request."""
-    failed = error is not None and not isinstance(error, ClientDisconnected)
+    leaving or the request's grammar exceeding its budget is a failure; the first choice's finish
+    reason stands for the request."""
+    failed = error is not None and not isinstance(error, ClientDisconnected | GrammarBudgetExceeded)
     return Outcome(
         at=time.monotonic(),
         failed=failed or run.cancelled_by == "engine_error",

@@ -264,7 +264,7 @@ class GenerationRun:
             if event.reason is FinishReason.CANCELLED:
                 self.cancelled_by = "shutting_down"
                 raise _shutting_down()  # nobody here cancelled it: the engine is stopping
-            self.cancelled_by = "engine_error"
+            self.cancelled_by = "engine_error" if event.failure is None else "grammar_budget_exceeded"
             raise _engine_error(event, "The engine stopped this generation; retry the request.")
         if isinstance(event, Rejected):
             raise rejection_error(event)
