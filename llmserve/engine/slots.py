@@ -67,8 +67,8 @@ def slot_for(slots: Sequence[Slot], free: Sequence[Slot], prompt: Sequence[int],
     would evict another session's prompt rather than a spare copy of its own: a replica serving a few
     sessions would keep only some of them cached.
     """
-    best = max(free, key=lambda slot: common_prefix(slot.cached, prompt))
-    if common_prefix(best.cached, prompt) >= min(worth_reusing, len(prompt) // 2):
+    shared, best = max(((common_prefix(slot.cached, prompt), slot) for slot in free), key=lambda pair: pair[0])
+    if shared >= min(worth_reusing, len(prompt) // 2):
         return best
     return min(free, key=lambda slot: (bool(slot.cached) and not _copied(slot, slots, worth_reusing), slot.admitted))
 
