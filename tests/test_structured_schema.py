@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import random
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 
 from llmserve.structured import JSON_OBJECT_GRAMMAR, UnsupportedSchema, check_schema, schema_grammar
+from llmserve.structured.numbers import Numbers
 from tests.test_structured_gbnf import Grammar, llama_accepts
 
 ADDRESS = {
@@ -257,13 +259,12 @@ def _strict_object(properties: dict[str, Any]) -> dict[str, Any]:
             r"^\$\.properties\.list\.items: strict requires 'additionalProperties': false",
         ),
         (
-            _strict_object({"price": {"type": "number", "minimum": 0.5}}),
-            r"^\$\.properties\.price: 'minimum' cannot be enforced",
+            _strict_object({"price": {"type": "number", "multipleOf": 0.1234}}),
+            r"^\$\.properties\.price: 'multipleOf' 0.1234 needs 1234 remainders; .* so strict does not allow it$",
         ),
-        (_strict_object({"n": {"type": "number", "multipleOf": 0.5}}), r"^\$\.properties\.n: 'multipleOf' cannot"),
         (
-            _strict_object({"n": {"type": "integer", "multipleOf": 5, "minimum": 0}}),  # one bound: not enforced
-            r"^\$\.properties\.n: 'multipleOf' cannot",
+            _strict_object({"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}),
+            r"^\$\.properties\.tags: 'uniqueItems' cannot be enforced",
         ),
         (_strict_object({"mail": {"type": "string", "format": "email"}}), r"^\$\.properties\.mail: 'format' 'email'"),
         (_strict_object({"x": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}), r"^\$\.properties\.x: 'oneOf'"),
@@ -292,7 +293,9 @@ def test_a_strict_schema_that_follows_the_rules_passes() -> None:
 
 
 def test_unenforced_bounds_are_dropped_without_strict() -> None:
-    grammar = Grammar(schema_grammar({"type": "object", "properties": {"price": {"type": "number", "minimum": 18.5}}}))
+    grammar = Grammar(
+        schema_grammar({"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.1234}}})
+    )
     assert grammar.matches('{"price": 3.5}')
 
 
@@ -335,7 +338,7 @@ def test_integer_bounds_of_a_number_are_enforced_by_the_grammar(strict: bool) ->
             assert grammar.matches(text) == validator.is_valid(json.loads(text)), text
 
 
-@pytest.mark.parametrize("divisor", [1, 2, 3, 7, 10, 25, 997])
+@pytest.mark.parametrize("divisor", [1, 2, 3, 7, 10, 25, 120, 1000])
 def test_an_integer_multiple_of_is_enforced_by_the_grammar(divisor: int) -> None:
     schema = {"type": "integer", "multipleOf": divisor}
     check_schema(_strict_object({"n": schema}), strict=True)
@@ -349,12 +352,60 @@ def test_an_integer_multiple_of_is_enforced_by_the_grammar(divisor: int) -> None
         assert not grammar.matches(text), text
 
 
-def test_an_integer_multiple_of_within_bounds_is_an_enum() -> None:
+@pytest.mark.parametrize("strict", [True, False])
+def test_bounds_and_multiples_of_a_number_are_enforced_by_the_grammar(strict: bool) -> None:
+    """A price from 0.5 in cents, a share below 99.99, an even count of at least 2, an optional rating."""
+    schema = _strict_object(
+        {
+            "price": {"type": "number", "minimum": 0.5, "multipleOf": 0.01},
+            "share": {"type": "number", "exclusiveMaximum": 99.99},
+            "pairs": {"type": "integer", "minimum": 2, "multipleOf": 2},
+            "rating": {"type": ["number", "null"], "minimum": 0.5, "maximum": 5, "multipleOf": 0.5},
+        }
+    )
+    check_schema(schema, strict=strict)
+    grammar = Grammar(schema_grammar(schema))
+    fields = {
+        name: Numbers.from_schema(field, integer=field["type"] == "integer")
+        for name, field in schema["properties"].items()
+    }
+    valid = {"price": "0.5", "share": "1", "pairs": "2", "rating": "null"}
+    for name in valid:
+        for value in (
+            "0",
+            "0.5",
+            "0.49",
+            "0.51",
+            "0.505",
+            "2",
+            "3",
+            "-2",
+            "4.5",
+            "5",
+            "5.5",
+            "99.98",
+            "99.99",
+            "100",
+            "null",
+        ):
+            text = "{" + ", ".join(f'"{key}": {value if key == name else valid[key]}' for key in valid) + "}"
+            allowed = (value == "null" and name == "rating") or (
+                value != "null" and fields[name].contains(Decimal(value))
+            )
+            assert grammar.matches(text) == allowed, text
+
+
+def test_numeric_keywords_filter_an_enum() -> None:
+    grammar = Grammar(schema_grammar({"enum": [1, 2.5, 4, "four"], "minimum": 2, "multipleOf": 0.5}))
+    assert [v for v in ("1", "2.5", "4", '"four"') if grammar.matches(v)] == ["2.5", "4", '"four"']
+
+
+def test_an_integer_multiple_of_within_bounds() -> None:
     schema = _strict_object({"n": {"type": "integer", "multipleOf": 15, "minimum": -31, "exclusiveMaximum": 60}})
     check_schema(schema, strict=True)
     grammar = Grammar(schema_grammar(schema))
     assert [n for n in range(-100, 100) if grammar.matches(f'{{"n": {n}}}')] == [-30, -15, 0, 15, 30, 45]
-    with pytest.raises(UnsupportedSchema, match="no multiple"):
+    with pytest.raises(UnsupportedSchema, match="no integer is within its bounds and a multiple of 'multipleOf'"):
         check_schema(
             _strict_object({"n": {"type": "integer", "multipleOf": 10, "minimum": 1, "maximum": 9}}), strict=True
         )

@@ -16,7 +16,7 @@ from llmserve.api.schemas import ChatCompletionRequest
 from llmserve.chat_format import Message
 from llmserve.engine.jobs import TokenLogprob
 from llmserve.engine.llama_model import Vocabulary
-from llmserve.models.served import ServedModel
+from llmserve.models.served import ServedModel, off_hub
 from llmserve.structured import ToolCallParser
 
 blueprint = Blueprint("chat", __name__)
@@ -160,7 +160,10 @@ def _choice(index: int, message: dict[str, Any], logprobs: Any, finish_reason: s
 )
 def create_chat_completion() -> Response:
     body = parse_body(ChatCompletionRequest)
-    reply = off_hub_if_large(reply_format, body)  # tools and schemas are checked before any model work
+    # Tools and schemas are checked before any model work; turning a schema into a grammar may take a
+    # CPU-bound fraction of a second (number bounds and multiples), so it never runs on the hub.
+    declares_schemas = bool(body.tools or body.functions or body.response_format)
+    reply = off_hub(reply_format, body) if declares_schemas else reply_format(body)
     messages = chat_messages(body.messages, reply.tools_prompt)
     return answer(body.model, body.user, lambda model: _chat(model, body, reply, messages))
 

@@ -7,12 +7,12 @@ rather than any value, definitions whose names collide with other rules resolve 
 strings may hold raw control characters. So every schema is first walked here: what the grammar cannot
 enforce is refused with the path that holds it, and the rest is rewritten into the shapes the converter
 handles correctly. The converter then runs unchanged except for a few overrides (JSON-safe string
-characters, one rule per referenced definition, integers and numbers within ``minimum``/``maximum``
-bounds, an integer's ``multipleOf``).
+characters, one rule per referenced definition, and integers and numbers within their bounds and
+``multipleOf``, read by the automaton of ``numbers``).
 
-Without ``strict`` (where OpenAI promises no adherence at all) bounds the grammar cannot enforce, such
-as a number's ``minimum`` of 0.5 or ``multipleOf``, or an unsupported ``format``, are dropped; with
-``strict`` they are refused, so that a strict schema is either enforced exactly or not accepted.
+Without ``strict`` (where OpenAI promises no adherence at all) what the grammar cannot enforce, such as
+``uniqueItems``, a ``multipleOf`` too fine for it, or an unsupported ``format``, is dropped; with
+``strict`` it is refused, so that a strict schema is either enforced exactly or not accepted.
 Structural keywords the grammar cannot express (``not``, ``if``, ``patternProperties``, ...) are refused
 either way.
 """
@@ -29,8 +29,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from llama_cpp.llama_grammar import PRIMITIVE_RULES, BuiltinRule, SchemaConverter
 
+from llmserve.structured.numbers import Automaton, NoNumber, Numbers, TooComplex
 from llmserve.structured.pattern import MAX_REPEAT, convert_pattern
-from llmserve.structured.ranges import integer_bounds, integer_range, multiples, number_range
 
 # Keywords that describe a value without constraining it.
 ANNOTATIONS = frozenset(
@@ -49,6 +49,8 @@ ANNOTATIONS = frozenset(
         "contentSchema",
     }
 )
+# The numeric keywords: enforced on integers and numbers by the automaton of ``numbers``.
+NUMERIC = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
 # Keywords the grammar enforces (some only in the combinations checked below).
 SUPPORTED = frozenset(
     {
@@ -72,32 +74,13 @@ SUPPORTED = frozenset(
         "$ref",
         "$defs",
         "definitions",
+        *NUMERIC,
     }
 )
-# Bounds of an integer, and integer bounds of a number, which the grammar enforces (``ranges``).
-BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-INTEGER_BOUNDS = frozenset(BOUNDS)
-# How a prepared schema hands an integer's bounds to the converter (least, greatest; None: unbounded).
-INTEGER_RANGE = "llmserve-integer-range"
-# ... and a number's: the four bounds, in the order of ``BOUNDS``.
-NUMBER_RANGE = "llmserve-number-range"
-# ... and an integer's multipleOf without bounds (with both bounds, its multiples become an enum).
-MULTIPLE_OF = "llmserve-multiple-of"
-MAX_DIVISOR = 1000  # remainders, one grammar rule each
-MAX_MULTIPLES = 256  # bounded multiples written out as an enum
+# How a prepared schema hands that automaton to the converter.
+NUMBERS = "llmserve-numbers"
 # Bounds the grammar cannot enforce: dropped without strict, refused with it.
-UNENFORCED = frozenset(
-    {
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-        "multipleOf",
-        "uniqueItems",
-        "minProperties",
-        "maxProperties",
-    }
-)
+UNENFORCED = frozenset({"uniqueItems", "minProperties", "maxProperties"})
 # The rest of JSON Schema (and two keywords of older drafts): refused. Other unknown keywords are
 # annotations under JSON Schema's own rules and constrain nothing.
 UNSUPPORTED = frozenset(
@@ -173,40 +156,6 @@ def _has_type(value: Any, json_type: str) -> bool:
     return value is None if expected is None else isinstance(value, expected)
 
 
-def _bounded_multiples(schema: Mapping[str, Any]) -> list[int] | None:
-    """The multiples an integer schema's ``multipleOf`` and bounds allow, when the grammar enforces them
-    (as an enum, or, with no bounds, ``multiples``); None when it cannot."""
-    raw = schema.get("multipleOf", 0)
-    if schema.get("type") not in ("integer", ["integer"]) or not _has_type(raw, "integer"):
-        return None
-    divisor = int(raw)
-    if not 1 <= divisor <= MAX_DIVISOR:
-        return None
-    if not schema.keys() & INTEGER_BOUNDS:
-        return []
-    low, high = integer_bounds(*(schema.get(key) for key in BOUNDS))
-    if low is None or high is None or high - low > MAX_MULTIPLES * divisor:
-        return None
-    return list(range(-(-low // divisor) * divisor, high + 1, divisor))
-
-
-def _enforced(schema: Mapping[str, Any]) -> frozenset[str]:
-    """The keywords the grammar cannot enforce in general that it does enforce in this schema."""
-    enforced = INTEGER_BOUNDS if _enforced_bounds(schema) else frozenset()
-    return enforced | ({"multipleOf"} if _bounded_multiples(schema) is not None else set())
-
-
-def _enforced_bounds(schema: Mapping[str, Any]) -> bool:
-    """Whether the grammar enforces this schema's bounds: an integer's always, a number's when they are
-    integers (``"minimum": 0, "maximum": 1``, a score)."""
-    if schema.get("type") in ("integer", ["integer"]):
-        return True
-    bounds = [schema[key] for key in BOUNDS if key in schema]
-    return schema.get("type") in ("number", ["number"]) and all(
-        _has_type(bound, "number") and float(bound).is_integer() for bound in bounds
-    )
-
-
 def _check_valid(schema: Any, path: str) -> None:
     if not isinstance(schema, Mapping | bool):
         raise UnsupportedSchema(f"{path}: not a valid JSON Schema: a schema must be an object or a boolean")
@@ -253,7 +202,7 @@ class _Walker:
         keys = set(schema)
         if unsupported := sorted(keys & UNSUPPORTED):
             raise UnsupportedSchema(f"{path}: {unsupported[0]!r} is not supported")
-        for keyword in sorted(keys & UNENFORCED - _enforced(schema)):
+        for keyword in sorted(keys & UNENFORCED):
             self._unenforced(f"{path}: {keyword!r} cannot be enforced by the grammar, so strict does not allow it")
         constraints = keys & SUPPORTED - {"$defs", "definitions"}
         for combinator in ("$ref", "allOf", "anyOf", "oneOf"):
@@ -283,12 +232,15 @@ class _Walker:
     def _enum(
         self, schema: Mapping[str, Any], types: list[str] | None, constraints: set[str], path: str
     ) -> dict[str, Any]:
-        extra = sorted(constraints - {"enum", "const", "type"})
+        extra = sorted(constraints - {"enum", "const", "type"} - NUMERIC)
         if extra or {"enum", "const"} <= constraints:
             raise UnsupportedSchema(f"{path}: {(extra or ['const'])[0]!r} alongside 'enum' is not supported")
         values = schema["enum"] if "enum" in schema else [schema["const"]]
         if types is not None:
             values = [v for v in values if any(_has_type(v, t) for t in types)]
+        if schema.keys() & NUMERIC:  # they constrain only the numbers among the values
+            numbers = Numbers.from_schema(schema, integer=False)
+            values = [v for v in values if not _has_type(v, "number") or numbers.contains(v)]
         if not values:
             raise UnsupportedSchema(f"{path}: no value of 'enum' or 'const' has the declared 'type'")
         return {"enum": values}
@@ -300,27 +252,21 @@ class _Walker:
             return self._array(schema, path)
         if json_type == "string":
             return self._string(schema, path)
-        if json_type == "integer" and (multiples_allowed := _bounded_multiples(schema)) is not None:
-            if multiples_allowed:
-                return {"enum": multiples_allowed}
-            if schema.keys() & INTEGER_BOUNDS:
-                raise UnsupportedSchema(f"{path}: no multiple of 'multipleOf' is within its bounds")
-            return {"type": "integer", MULTIPLE_OF: int(schema["multipleOf"])}
-        if json_type == "integer" and schema.keys() & INTEGER_BOUNDS:
-            low, high = integer_bounds(
-                *(schema.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
-            )
-            if low is not None and high is not None and low > high:
-                raise UnsupportedSchema(f"{path}: no integer is within its bounds")
-            return {"type": "integer", INTEGER_RANGE: (low, high)}
-        if json_type == "number" and schema.keys() & INTEGER_BOUNDS and _enforced_bounds(schema):
-            bounds = tuple(schema.get(key) for key in BOUNDS)
-            try:
-                number_range(*bounds)
-            except ValueError:
-                raise UnsupportedSchema(f"{path}: no number is within its bounds") from None
-            return {"type": "number", NUMBER_RANGE: bounds}
+        if json_type in ("integer", "number") and schema.keys() & NUMERIC:
+            return self._numbers(schema, json_type, path)
         return {"type": json_type}
+
+    def _numbers(self, schema: Mapping[str, Any], json_type: str, path: str) -> dict[str, Any]:
+        numbers = Numbers.from_schema(schema, integer=json_type == "integer")
+        try:
+            automaton = numbers.automaton()
+        except TooComplex as exc:
+            self._unenforced(f"{path}: {exc}, so strict does not allow it")
+            return {"type": json_type}
+        except NoNumber:
+            multiple = " and a multiple of 'multipleOf'" if numbers.step is not None else ""
+            raise UnsupportedSchema(f"{path}: no {json_type} is within its bounds{multiple}") from None
+        return {"type": json_type, NUMBERS: automaton}
 
     def _bounds(self, schema: Mapping[str, Any], low_key: str, high_key: str, path: str) -> dict[str, int]:
         low, high = schema.get(low_key, 0), schema.get(high_key)
@@ -479,17 +425,13 @@ class GrammarBuilder(SchemaConverter):
         return str(self.format_grammar()) + "\n"
 
     def visit(self, schema: Mapping[str, Any], name: str) -> str:
-        if INTEGER_RANGE in schema:
-            return self.rule(name or "root", f"( {integer_range(*schema[INTEGER_RANGE])} ) space")
-        if NUMBER_RANGE in schema:
-            return self.rule(name or "root", f"( {number_range(*schema[NUMBER_RANGE])} ) space")
-        if MULTIPLE_OF in schema:
+        if NUMBERS in schema:
+            automaton: Automaton = schema[NUMBERS]
             top = self.reserve(name or "root")
-            names = [self.reserve(f"{top}-remainder-{r}") for r in range(schema[MULTIPLE_OF])]
-            body, bodies = multiples(schema[MULTIPLE_OF], names)
-            for rule_name, rule_body in zip(names, bodies, strict=True):
-                self.define(rule_name, rule_body)
-            self.define(top, f"( {body} ) space")
+            names = [self.reserve(f"{top}-{i}") for i in range(len(automaton))]
+            for rule_name, body in zip(names, automaton.bodies(names), strict=True):
+                self.define(rule_name, body)
+            self.define(top, f"{names[0]} space")
             return top
         return str(super().visit(schema, name))
 

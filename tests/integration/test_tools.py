@@ -242,8 +242,11 @@ def test_strict_bounds_and_multiples_hold_in_sampled_output(client: openai.OpenA
             "confidence": {"type": "number", "minimum": 0, "maximum": 1},
             "team_size": {"type": "integer", "multipleOf": 5},
             "rating": {"type": "integer", "minimum": 1, "maximum": 10, "multipleOf": 3},
+            # Steps a binary float holds exactly, so that the float arithmetic of the validator agrees.
+            "price": {"type": "number", "minimum": 0.5, "multipleOf": 0.25},
+            "share": {"type": ["number", "null"], "exclusiveMinimum": 0.1, "maximum": 99.99},
         },
-        "required": ["confidence", "team_size", "rating"],
+        "required": ["confidence", "team_size", "rating", "price", "share"],
         "additionalProperties": False,
     }
     result = client.chat.completions.create(
