@@ -164,8 +164,12 @@ def from_validation_error(exc: ValidationError) -> InvalidRequest:
             param += f"[{part}]"
         elif not _is_union_tag(part):
             param += f".{part}" if param else part
+    if discriminator := (first.get("ctx") or {}).get("discriminator"):  # a union whose tag field is wrong
+        param += f".{discriminator}" if param else discriminator
     if first["type"] == "extra_forbidden":
         return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
+    if first["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
     message = first["msg"].removeprefix("Value error, ")
     if not param:
         return InvalidRequest(message)

@@ -85,7 +85,8 @@ def test_bad_completion_requests(client: FlaskClient, body: dict, param: str | N
 BAD_CHATS = [
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0]"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"model": MODEL, "messages": [{"role": "assistant"}]}, "messages[0]"),
     (
         {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
         "messages[0].content",

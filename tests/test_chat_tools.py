@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from pydantic import TypeAdapter
 
 from llmserve.api.chat import ChatRenderer
 from llmserve.api.chat_tools import CallStyle, ReplyFormat, chat_messages, reply_format
@@ -90,9 +91,9 @@ BAD_TOOL_REQUESTS = [
         {"model": MODEL, "messages": [*HI, {"role": "tool", "tool_call_id": "call_9", "content": "21 C"}]},
         "messages[1].tool_call_id",
     ),
-    ({"model": MODEL, "messages": [*HI, {"role": "tool", "content": "21 C"}]}, "messages[1]"),
-    ({"model": MODEL, "messages": [*HI, {"role": "function", "content": "21 C"}]}, "messages[1]"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, "messages[0]"),
+    ({"model": MODEL, "messages": [*HI, {"role": "tool", "content": "21 C"}]}, "messages[1].tool_call_id"),
+    ({"model": MODEL, "messages": [*HI, {"role": "function", "content": "21 C"}]}, "messages[1].name"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, "messages[0].tool_calls"),
     (
         {
             "model": MODEL,
@@ -154,7 +155,7 @@ def test_reply_formats() -> None:
 
 
 def messages(*raw: dict[str, Any]) -> list[ChatMessage]:
-    return [ChatMessage.model_validate(m) for m in raw]
+    return TypeAdapter(list[ChatMessage]).validate_python(list(raw))
 
 
 def test_history_puts_calls_and_results_in_the_tool_format() -> None:

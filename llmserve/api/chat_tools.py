@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from llmserve.api.schemas import ChatCompletionRequest, ChatMessage, FunctionDefinition
+from llmserve.api.schemas import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionDefinition,
+    FunctionMessage,
+    ToolMessage,
+)
 from llmserve.chat_format import Message
 from llmserve.errors import InvalidRequest
 from llmserve.structured import (
@@ -158,15 +165,8 @@ def chat_messages(messages: Sequence[ChatMessage], tools_prompt: str | None) -> 
     names: dict[str, str] = {}  # tool_call_id -> the function it called
     results: list[str] = []
     for number, message in enumerate(messages):
-        if message.role in ("tool", "function"):
-            name = message.name if message.role == "function" else names.get(message.tool_call_id or "")
-            if name is None:
-                raise InvalidRequest(
-                    f"messages[{number}] answers the tool call {message.tool_call_id!r}, which no earlier "
-                    "assistant message made.",
-                    param=f"messages[{number}].tool_call_id",
-                )
-            results.append(render_tool_result(name, message.content or ""))
+        if isinstance(message, ToolMessage | FunctionMessage):
+            results.append(render_tool_result(_answered(number, message, names), message.content or ""))
             continue
         if results:
             rendered.append(Message("user", "\n".join(results)))
@@ -181,8 +181,23 @@ def chat_messages(messages: Sequence[ChatMessage], tools_prompt: str | None) -> 
     return [Message("system", tools_prompt), *rendered]
 
 
+def _answered(number: int, message: ToolMessage | FunctionMessage, names: dict[str, str]) -> str:
+    """The function whose result a tool or function message holds."""
+    if isinstance(message, FunctionMessage):
+        return message.name
+    if message.tool_call_id not in names:
+        raise InvalidRequest(
+            f"messages[{number}] answers the tool call {message.tool_call_id!r}, which no earlier "
+            "assistant message made.",
+            param=f"messages[{number}].tool_call_id",
+        )
+    return names[message.tool_call_id]
+
+
 def _content(number: int, message: ChatMessage, names: dict[str, str]) -> str:
     """A message's text; an assistant's calls in the tool format, remembering which function each id called."""
+    if not isinstance(message, AssistantMessage):
+        return message.content or ""
     if message.tool_calls:
         calls, param = [call.model_dump() for call in message.tool_calls], f"messages[{number}].tool_calls"
         names.update((call.id, call.function.name) for call in message.tool_calls)

@@ -64,6 +64,7 @@ MessageContent = Annotated[
     str | None,
     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}, {"type": "null"}]}),
 ]
+RequiredContent = Annotated[str, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]})]
 
 
 def _prompt_list(value: Any) -> list[str | list[int]]:
@@ -205,19 +206,15 @@ class ToolCall(StrictModel):
     function: FunctionCall
 
 
-class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: MessageContent = None
+class _Message(StrictModel):
+    """What every chat message may hold. Content given as parts becomes the concatenation of its text parts."""
+
+    content: MessageContent
     name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[ToolCall] | None = None
-    function_call: FunctionCall | None = None
-    refusal: str | None = None  # sent back by clients that replay a response's message as they got it
 
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts(cls, value: Any) -> Any:
-        """Content given as parts becomes the concatenation of its text parts."""
         if not isinstance(value, list):
             return value
         texts = []
@@ -230,18 +227,71 @@ class ChatMessage(StrictModel):
             texts.append(part["text"])
         return "".join(texts)
 
+
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: RequiredContent
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: RequiredContent
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: RequiredContent
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: RequiredContent
+    tool_call_id: str = Field(min_length=1)
+
+
+class FunctionMessage(_Message):
+    role: Literal["function"]
+    content: MessageContent
+    name: str = Field(min_length=1)
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: MessageContent = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
+    refusal: str | None = None  # sent back by clients that replay a response's message as they got it
+
     @model_validator(mode="after")
-    def _content_present(self) -> ChatMessage:
-        calls = bool(self.tool_calls) or self.function_call is not None
-        if self.role != "assistant" and (calls or self.refusal is not None):
-            raise ValueError("only assistant messages may hold tool_calls, function_call or refusal")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs the tool_call_id of the call it answers")
-        if self.role == "function" and not self.name:
-            raise ValueError("a function message needs the name of the function")
-        if self.content is None and not calls and self.refusal is None:
-            raise ValueError(f"a {self.role} message needs content")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls and self.function_call is None and self.refusal is None:
+            raise ValueError("an assistant message needs content, tool_calls, function_call or refusal")
         return self
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def _message_kind(value: Any) -> str | None:
+    """Which message a value is, by its role; tags hold a '-' so that error locations leave them out."""
+    role = value.get("role") if isinstance(value, dict) else None
+    return f"message-{role}" if role in ROLES else None
+
+
+ChatMessage = Annotated[
+    Annotated[SystemMessage, Tag("message-system")]
+    | Annotated[DeveloperMessage, Tag("message-developer")]
+    | Annotated[UserMessage, Tag("message-user")]
+    | Annotated[AssistantMessage, Tag("message-assistant")]
+    | Annotated[ToolMessage, Tag("message-tool")]
+    | Annotated[FunctionMessage, Tag("message-function")],
+    Discriminator(
+        _message_kind,
+        custom_error_type="invalid_role",
+        custom_error_message="each message needs a 'role': one of " + ", ".join(repr(r) for r in ROLES),
+        custom_error_context={"discriminator": "role"},  # the parameter an error names (errors.py)
+    ),
+]
 
 
 class JSONSchemaFormat(StrictModel):
