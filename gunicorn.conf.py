@@ -159,5 +159,6 @@ def worker_exit(server, worker):  # type: ignore[no-untyped-def]
 
     extensions = worker.wsgi.extensions if getattr(worker, "wsgi", None) else {}
     if registry.EXTENSION in extensions:
+        lifecycle.let_work_finish(extensions[lifecycle.IN_FLIGHT], graceful_timeout)
         extensions[registry.EXTENSION].stop()
         extensions[accounting.EXTENSION].stop()  # after the engines: their last events complete the records

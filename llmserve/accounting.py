@@ -165,9 +165,11 @@ class Accounting:
         origin: Origin,
         finish_reasons: Mapping[int, str],
         error: BaseException | None = None,
+        *,
+        resumed: bool = False,
     ) -> None:
         """Record a completion or chat request: ``finish_reasons`` are those its client was told, ``error``
-        is what ended it, if anything did."""
+        is what ended it, if anything did; ``resumed``, whether its client read it again after a break."""
         end = end_of_generation(run.cancelled_by, finish_reasons) if error is None else end_of_error(error)
         if end is None:
             return
@@ -182,6 +184,7 @@ class Accounting:
             cached_tokens=usage.cached_tokens if held_a_slot else 0,
             completion_tokens=usage.completion_tokens,
             first_token_at=run.first_token_at,
+            resumed=resumed,
         )
 
     def record_embeddings(
@@ -205,6 +208,7 @@ class Accounting:
         cached_tokens: int,
         completion_tokens: int,
         first_token_at: float | None = None,
+        resumed: bool = False,
     ) -> None:
         """Build the record now; its engine time is added once the engine reported it."""
         now = time.monotonic()
@@ -226,6 +230,7 @@ class Accounting:
             engine_seconds=0.0,
             finish_reason=end.finish_reason,
             status=end.status,
+            resumed=resumed,
         )
         if work.settle(0.0):
             self._submit(record, work.engine_seconds)

@@ -6,7 +6,7 @@ from flask import Flask
 
 from llmserve import auth, errors, metrics, request_context, requestlog
 from llmserve.accounting import Accounting
-from llmserve.api import routes
+from llmserve.api import resume, routes
 from llmserve.lifecycle import InFlight
 from llmserve.models.registry import ModelRegistry
 from llmserve.proxies import TrustedProxies, networks
@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     Accounting(settings, llm_metrics).init_app(app)
     ModelRegistry(settings, llm_metrics, tenancy).init_app(app)
     routes.init_app(app, quotas)
+    resume.init_app(app, settings)
     if settings.trusted_proxies:
         app.wsgi_app = TrustedProxies(app.wsgi_app, networks(settings.trusted_proxies))  # type: ignore[method-assign]
     return app

@@ -91,6 +91,20 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class StreamNotFound(NotFound):
+    """No resumable stream of that id for this key: never one, expired, or another tenant's."""
+
+    code = "stream_not_found"
+
+
+class StreamBufferExceeded(APIError):
+    """A resumable stream produced more than its resume buffer holds (the ``streams.buffer_bytes`` setting)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "stream_buffer_exceeded"
+
+
 class Conflict(APIError):
     status = 409
     type = "invalid_request_error"

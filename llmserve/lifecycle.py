@@ -102,6 +102,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
+        self.exiting = False  # the worker is in its exit hook: nothing may end it early any more
 
     def init_app(self, app: Flask) -> None:
         app.extensions[IN_FLIGHT] = self
@@ -121,6 +122,12 @@ class InFlight:
         def _end_without_response(error: BaseException | None) -> None:
             if _leaves_flight():  # no response was made (an error escaped every handler)
                 self._done()
+
+    def keep(self) -> Callable[[], None]:
+        """Count work that outlives its response (a resumable stream's generation after its client left)
+        until the returned release is called, so that a drain waits for it too."""
+        self.count += 1
+        return self._done
 
     def _done(self) -> None:
         self.count -= 1
@@ -148,9 +155,23 @@ def handle_worker_term(worker: Any, models: ModelRegistry, in_flight: InFlight, 
     signal.signal(signal.SIGTERM, on_term)
 
 
+def let_work_finish(in_flight: InFlight, timeout: float) -> None:
+    """At the worker's exit, before its engines stop: wait up to ``timeout`` seconds for work that has no
+    connection for gunicorn to wait on (a resumable stream whose client left; the drain's deadline
+    cancels what would run longer)."""
+    in_flight.exiting = True
+    deadline = time.monotonic() + timeout
+    if in_flight.count > 0:
+        log.info("waiting for %d generations whose clients left to finish", in_flight.count)
+    while in_flight.count > 0 and time.monotonic() < deadline:
+        gevent.sleep(DRAIN_POLL)
+
+
 def _exit_when_drained(in_flight: InFlight) -> None:
     while in_flight.count > 0:
         gevent.sleep(DRAIN_POLL)
+    if in_flight.exiting:
+        return  # gunicorn is ending the worker already; its exit hook must run to its end
     log.info("drained: every response has been sent; the worker exits")
     sys.exit(0)  # raised into the worker's main greenlet by gevent: gunicorn's own quick exit path
 

@@ -101,6 +101,9 @@ class LLMMetrics:
     worker_replacements: Counter
     model_requests: Counter
     canary_weight: Gauge
+    streams_parked: Gauge
+    stream_journal_bytes: Gauge
+    stream_resumes: Counter
     canary_rollbacks: Counter
     canary_retries: Counter
     time_to_first_token: Histogram
@@ -185,6 +188,14 @@ class LLMMetrics:
                 "Generation requests by the model and version that answered, and whether they failed (5xx).",
                 ("model", "version", "outcome"),
             ),
+            streams_parked=gauge("llmserve_streams_parked", "Resumable streams generating with their client gone.", ()),
+            stream_journal_bytes=gauge(
+                "llmserve_stream_journal_bytes",
+                "Bytes of events the resumable streams' journals hold (the instance's, from any worker).",
+                (),
+                "livemax",
+            ),
+            stream_resumes=counter("llmserve_stream_resumes", "Reconnects served from a stream's journal.", ()),
             canary_weight=gauge(
                 "llmserve_canary_weight",
                 "Percent of an alias's sessions routed to its canary.",

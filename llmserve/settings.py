@@ -22,6 +22,7 @@ from llmserve.engine.config import EngineConfig, StepTimes
 from llmserve.ledger.prices import PriceSettings
 from llmserve.ledger.settings import LedgerSettings
 from llmserve.proxies import networks
+from llmserve.resumable import JournalLimits
 
 CONFIG_ENV_VAR = "LLMSERVE_CONFIG"
 EXTENSION = "llmserve.settings"  # where the app factory keeps the settings, for the request handlers
@@ -201,6 +202,35 @@ class CanarySettings(BaseModel):
     )
 
 
+class StreamSettings(BaseModel):
+    """Resumable streams (``api.resume``): how long a stream waits for its client, and how much it may keep."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resumable: bool = Field(
+        False, description="Make every stream resumable, as if each request sent X-Stream-Resumable: true."
+    )
+    grace: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a resumable stream's generation goes on with nobody reading it, and its events are "
+        "kept after it ended; more than heartbeat_interval.",
+    )
+    buffer_bytes: int = Field(
+        4 * 1024 * 1024, ge=4096, le=1 << 30, description="Bytes of events one resumable stream may keep."
+    )
+    tenant_bytes: int = Field(
+        64 * 1024 * 1024, ge=4096, le=1 << 40, description="Buffers one tenant's resumable streams may reserve."
+    )
+    total_bytes: int = Field(
+        256 * 1024 * 1024, ge=4096, le=1 << 40, description="Buffers all resumable streams may reserve."
+    )
+
+    def limits(self, heartbeat: float) -> JournalLimits:
+        return JournalLimits(self.grace, self.buffer_bytes, self.tenant_bytes, self.total_bytes, heartbeat)
+
+
 def keyless_refusal(address: str) -> str:
     """Why a server without API keys will not listen on ``address``, and what to do instead."""
     return (
@@ -307,6 +337,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="Client-facing model names with a stable model and an optional canary."
     )
     canary: CanarySettings = Field(default_factory=CanarySettings, description="Automatic canary rollback.")
+    streams: StreamSettings = Field(default_factory=StreamSettings, description="Resumable streams.")
     memory_budget_mib: int | None = Field(
         None,
         ge=64,
@@ -345,6 +376,17 @@ class Settings(BaseSettings):
         """More decode threads in all workers together than CPUs: they then slow each other down. A
         worker's models take turns to decode, so a worker needs the threads of its largest model."""
         return self.workers * max(model.threads for model in self.models.values()) > available_cpus()
+
+    @model_validator(mode="after")
+    def _streams_outlast_heartbeats(self) -> Settings:
+        """A generating stream touches its journal at every heartbeat; one quiet for ``grace`` is taken
+        for lost, so the grace must be longer."""
+        if self.streams.grace <= self.heartbeat_interval:
+            raise ValueError(
+                f"streams.grace ({self.streams.grace}s) must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval}s): a stream quiet that long would be taken for lost"
+            )
+        return self
 
     @model_validator(mode="after")
     def _serve_the_configured_models(self) -> Settings:

@@ -1,4 +1,4 @@
-"""The SSE framing: chunks, keep-alive comments, the closing [DONE], and errors after the start."""
+"""The SSE framing: numbered chunks, keep-alive comments, the closing [DONE], and errors after the start."""
 
 from collections.abc import Iterator
 
@@ -17,7 +17,7 @@ def body_of(app: Flask, chunks: Iterator[dict | None], closed: list[bool]) -> st
 def test_chunks_heartbeats_and_done(app: Flask) -> None:
     closed: list[bool] = []
     text = body_of(app, iter([{"a": 1}, None, {"b": "é"}]), closed)
-    assert text == 'data: {"a":1}\n\n: keep-alive\n\ndata: {"b":"é"}\n\ndata: [DONE]\n\n'
+    assert text == 'id: 1\ndata: {"a":1}\n\n: keep-alive\n\nid: 2\ndata: {"b":"é"}\n\nid: 3\ndata: [DONE]\n\n'
     assert closed == [True]
 
 
@@ -28,7 +28,7 @@ def test_an_error_after_the_start_is_an_error_event_and_the_end(app: Flask) -> N
 
     closed: list[bool] = []
     text = body_of(app, failing(), closed)
-    assert text.startswith('data: {"a":1}\n\n')
+    assert text.startswith('id: 1\ndata: {"a":1}\n\nid: 2\ndata: {"error":')
     assert '"code":"queue_timeout"' in text
     assert "[DONE]" not in text
     assert closed == [True]

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from llmserve.accounting import Origin, current_accounting
 from llmserve.api import sse
 from llmserve.api.disconnect import ClientWatch
+from llmserve.api.resume import open_journal, resumable_response, wants_resumable
 from llmserve.api.runner import Choice, GenerationRun, Update
 from llmserve.api.schemas import GenerationRequest
 from llmserve.engine.grammar import Grammar, GrammarError
@@ -307,14 +308,21 @@ def respond(
     tenant = current_tenant()
     quotas = current_quotas()
     accounting = current_accounting()
+    metrics = current_metrics()
+    registry = current_registry()
+    log_fields = current_request().log
     origin = origin_of(model)
+    journal = (
+        open_journal(response_id, tenant.name) if body.stream and wants_resumable(settings.streams.resumable) else None
+    )
     run = GenerationRun(
         model.engine,
         choices,
         tenant=tenant.name,
         heartbeat=settings.heartbeat_interval,
         admission_timeout=settings.queue_timeout + 5,
-        client_gone=ClientWatch(request.environ).gone,
+        # A resumable stream's client may leave and come back: the stream's writes notice it leaving.
+        client_gone=ClientWatch(request.environ).gone if journal is None else lambda: False,
     )
     prompt_tokens = run.usage.prompt_tokens
     reservation = quotas.reserve_tokens(
@@ -326,23 +334,31 @@ def respond(
         run.close()
         quotas.settle(reservation, 0)
         accounting.record_generation(run, tenant.name, origin, {}, exc)
+        if journal is not None:
+            journal.delete()
         raise
     started = current_request().started
 
     def finish(error: BaseException | None = None) -> None:
+        """Settle and record the request; for a resumable stream this may run after its response closed,
+        so it uses only what it took from the request beforehand."""
         run.close()
         told = {**run.finish_reasons, **renderer.reported_finish_reasons}  # what the client was told
         quotas.settle(reservation, run.usage.prompt_tokens + run.usage.completion_tokens)
-        current_metrics().record_request(model.id, tenant.name, run, started, time.monotonic())
-        current_registry().record(model, _outcome(run, started, told, error))
-        current_request().log.update(_log_fields(model, run, choices, told, started, tenant.name, settings.log_prompts))
-        accounting.record_generation(run, tenant.name, origin, told, error)
+        metrics.record_request(model.id, tenant.name, run, started, time.monotonic())
+        registry.record(model, _outcome(run, started, told, error))
+        log_fields.update(_log_fields(model, run, choices, told, started, tenant.name, settings.log_prompts))
+        resumed = journal is not None and journal.resumed()
+        accounting.record_generation(run, tenant.name, origin, told, error, resumed=resumed)
 
     created = int(time.time())
     envelope = {"id": response_id, "created": created, "model": model.id}
     if body.stream:
         chunk_envelope = {**envelope, "object": renderer.chunk_object_name}
-        return sse.stream_response(_stream_chunks(run, renderer, chunk_envelope, body.include_usage), finish)
+        chunks = _stream_chunks(run, renderer, chunk_envelope, body.include_usage)
+        if journal is None:
+            return sse.stream_response(chunks, finish)
+        return resumable_response(chunks, finish, journal, model, settings.streams.grace, lambda: registry.draining)
     try:
         collected: dict[int, tuple[list[str], list[Any]]] = {c.index: ([], []) for c in choices}
         for update in run.updates():

@@ -39,6 +39,8 @@ class UsageRecord:
     price_version: str = ""
     # The first 12 hex digits of the GGUF file's sha256: which build of ``model`` answered.
     model_version: str | None = None
+    # A resumable stream whose client lost its connection and read it again before it ended.
+    resumed: bool = False
 
     def __post_init__(self) -> None:
         # Hours and days are UTC everywhere in the ledger; a naive time would land in the wrong bucket.

@@ -36,6 +36,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     literal,
     select,
@@ -93,6 +94,7 @@ usage_records = Table(
     Column("cost", Double(), nullable=False),
     Column("price_version", String(64), nullable=False),
     Column("model_version", String(64)),
+    Column("resumed", Boolean(), nullable=False, server_default=false()),
     Index("ix_usage_records_tenant_started_at", "tenant", "started_at"),
     Index("ix_usage_records_started_at", "started_at"),
 )

@@ -280,4 +280,6 @@ def test_streaming_headers_stop_proxy_buffering(server: Server) -> None:
     assert response.headers["cache-control"] == "no-cache"
     assert response.headers["x-accel-buffering"] == "no"
     assert lines[-1] == "data: [DONE]"
-    assert all(line.startswith("data: ") for line in lines)
+    # Every event is numbered, so that a resumable stream can be resumed after its last one read.
+    assert lines[0::2] == [f"id: {n}" for n in range(1, len(lines) // 2 + 1)]
+    assert all(line.startswith("data: ") for line in lines[1::2])
