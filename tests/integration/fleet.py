@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from tests.integration.conftest import Server, free_port, start_server, stop_server, wait_for
+from tests.integration.resumable_client import Read
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET_MODEL = "fleet"  # the served name of the fleet's model
@@ -275,6 +276,23 @@ def stream(url: str, max_tokens: int, timeout: float = 60) -> Outcome:
             return Outcome(200, started, finished)
     except httpx.HTTPError as exc:
         return Outcome(0, started, False, repr(exc))
+
+
+def resumed_in_steps(url: str, resumes: int) -> Read:
+    """A resumable stream through ``url`` whose client leaves after every two events and resumes, ``resumes``
+    times, then reads it to its end."""
+    body = {"model": FLEET_MODEL, "prompt": "Tell me about fleets.", "max_tokens": 40, "stream": True}
+    read = Read()
+    start = {"X-Stream-Resumable": "true"}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=start, timeout=30) as response:
+        stream_id = response.headers["X-Stream-Id"]
+        read.consume(response, limit=2)
+    for resume in range(resumes):
+        headers = {"Last-Event-ID": str(read.last)}
+        with httpx.stream("GET", f"{url}/v1/streams/{stream_id}", headers=headers, timeout=30) as response:
+            assert response.status_code == 200, (resume, response.read())
+            read.consume(response, limit=2 if resume < resumes - 1 else None)
+    return read
 
 
 def token_gaps(url: str, max_tokens: int) -> list[float]:

@@ -22,6 +22,7 @@ from tests.integration.fleet import (
     Instance,
     Load,
     instances,
+    resumed_in_steps,
     running,
     simulated_config,
     start_haproxy,
@@ -89,6 +90,16 @@ def test_requests_spread_over_every_instance(fleet: tuple[list[Instance], HAProx
     sent = {name: int(row["stot"]) - before[name] for name, row in proxy.servers().items()}
     assert sum(sent.values()) >= 27
     assert all(count >= 4 for count in sent.values()), sent  # 9 at a time over 3 x 3 slots: about 9 each
+
+
+def test_every_resume_of_a_stream_reaches_the_instance_that_holds_it(fleet: tuple[list[Instance], HAProxy]) -> None:
+    """The balancer remembers which instance answered with each X-Stream-Id (a stick table), so a resume
+    (GET /v1/streams/ID) reaches the instance whose journal holds the stream, whatever the load says:
+    by leastconn alone, seven resumes would all find it about one time in 2,000."""
+    _, proxy = fleet
+    read = resumed_in_steps(proxy.url, resumes=7)
+    assert read.ended and read.events[read.last] == "[DONE]"
+    assert sorted(read.events) == list(range(1, read.last + 1))
 
 
 def test_a_sigterm_drains_the_instance_through_its_agent_and_no_request_fails(

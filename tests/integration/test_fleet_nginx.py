@@ -17,6 +17,7 @@ from tests.integration.fleet import (
     Instance,
     Load,
     instances,
+    resumed_in_steps,
     running,
     simulated_config,
     start_nginx,
@@ -50,6 +51,17 @@ def test_requests_spread_over_both_instances(fleet: tuple[list[Instance], Balanc
     tokens = [generated(member) - already for member, already in zip(members, before, strict=True)]
     assert sum(tokens) == 18 * 16
     assert min(tokens) >= 4 * 16, tokens  # least_conn with 6 at a time over 2 x 3 slots: about 9 each
+
+
+def test_a_resume_is_passed_on_until_the_instance_that_holds_the_stream(
+    fleet: tuple[list[Instance], Balancer],
+) -> None:
+    """nginx cannot remember which instance generated a stream; for a resume it asks the instances in turn
+    until one holds it (the others' 404 means "not mine"), so every resume succeeds."""
+    _, balancer = fleet
+    read = resumed_in_steps(balancer.url, resumes=7)
+    assert read.ended and read.events[read.last] == "[DONE]"
+    assert sorted(read.events) == list(range(1, read.last + 1))
 
 
 def test_a_sigterm_loses_no_request(fleet: tuple[list[Instance], Balancer]) -> None:
