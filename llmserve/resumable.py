@@ -9,10 +9,11 @@ that readers can tell a quiet stream from a lost one); a reader, on whichever wo
 landed, replays the events after the client's ``Last-Event-ID`` and then follows the file, touching
 ``ID.reader`` while it is attached so that the generating worker knows someone still wants the stream.
 
-Bounds: one stream's journal holds at most ``buffer_bytes``; every journal reserves that much against
-the tenant's and the instance's totals, so a new resumable stream is refused (not silently made
-unresumable) once they are reached. A journal is deleted ``grace`` seconds after its generation ended
-and its last reader left; one whose writer vanished (no growth, no touch, no end for ``grace``) too.
+Bounds: one stream's journal holds at most ``buffer_bytes``; a journal reserves that much against the
+tenant's and the instance's totals while its generation runs, and its size once it ended, so a new
+resumable stream is refused (not silently made unresumable) once they are reached. A journal is
+deleted ``grace`` seconds after its generation ended and its last reader left; one whose writer
+vanished (no growth, no touch, no end for ``grace``) too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 STREAM_ID = re.compile(r"[A-Za-z0-9-]{1,100}")
 SWEEP_INTERVAL = 1.0  # seconds a new journal may count expired ones in the totals
@@ -65,20 +67,17 @@ class Journals:
         self.directory.mkdir(parents=True, exist_ok=True)
         if time.monotonic() - self._swept_at >= SWEEP_INTERVAL:
             self.sweep()  # the totals count only journals that still matter
-        owners = self._owners()
-        reserve = self.limits.buffer_bytes
-        mine = sum(1 for owner in owners if owner == tenant)
-        if (mine + 1) * reserve > self.limits.tenant_bytes:
+        reserved = self._reserved()
+        mine = sum(size for owner, size in reserved if owner == tenant)
+        needed = self.limits.buffer_bytes
+        if mine + needed > self.limits.tenant_bytes:
             raise JournalsFull(
-                f"Your organization has {mine} resumable streams, as many as their buffers "
-                f"({self.limits.tenant_bytes} bytes in all) allow; retry when one has ended.",
+                f"Your organization's resumable streams hold {mine} bytes of their {self.limits.tenant_bytes}; "
+                "retry when one has ended.",
                 tenant=True,
             )
-        if (len(owners) + 1) * reserve > self.limits.total_bytes:
-            raise JournalsFull(
-                f"This server holds {len(owners)} resumable streams, as many as their buffers allow; retry later.",
-                tenant=False,
-            )
+        if sum(size for _, size in reserved) + needed > self.limits.total_bytes:
+            raise JournalsFull("This server holds as many resumable streams as it may; retry later.", tenant=False)
         journal = Journal(self.directory, stream_id, self.limits)
         journal.meta.write_text(json.dumps({"tenant": tenant, "created": time.time()}))
         journal.events.touch()
@@ -108,14 +107,18 @@ class Journals:
         sizes = [_size(path) for path in self.directory.glob("*.sse")]
         return len(sizes), sum(sizes)
 
-    def _owners(self) -> list[str]:
-        owners = []
+    def _reserved(self) -> list[tuple[str, int]]:
+        """Each journal's tenant and the bytes it reserves: its whole buffer while it may grow, its size
+        once its generation ended."""
+        reserved = []
         for meta in self.directory.glob("*.json"):
+            journal = Journal(self.directory, meta.stem, self.limits)
             try:
-                owners.append(str(json.loads(meta.read_text()).get("tenant")))
+                owner = str(json.loads(meta.read_text()).get("tenant"))
             except (OSError, ValueError):
                 continue  # deleted meanwhile, or being written
-        return owners
+            reserved.append((owner, _size(journal.events) if journal.done.exists() else self.limits.buffer_bytes))
+        return reserved
 
 
 class Journal:
@@ -129,6 +132,7 @@ class Journal:
         self.done = directory / f"{stream_id}.done"
         self.reader = directory / f"{stream_id}.reader"
         self._written = 0
+        self._output: BinaryIO | None = None  # the writer's, open from its first event to the end
 
     # The writer's side.
 
@@ -137,8 +141,9 @@ class Journal:
         data = frame.encode()
         if not last and self._written + len(data) > self.limits.buffer_bytes:
             raise BufferExceeded(f"the stream exceeded its {self.limits.buffer_bytes}-byte resume buffer")
-        with self.events.open("ab") as output:
-            output.write(data)
+        if self._output is None:
+            self._output = self.events.open("ab", buffering=0)  # unbuffered: each event is one write
+        self._output.write(data)
         self._written += len(data)
 
     def keep_alive(self) -> None:
@@ -146,7 +151,13 @@ class Journal:
         os.utime(self.events)
 
     def finish(self) -> None:
+        self._close()
         self.done.touch()
+
+    def _close(self) -> None:
+        if self._output is not None:
+            self._output.close()
+            self._output = None
 
     def unread_for(self, since: float) -> float:
         """Seconds no reader has been attached, counting from ``since`` (wall clock) at the latest."""
@@ -203,6 +214,7 @@ class Journal:
         return quiet > self.limits.grace
 
     def delete(self) -> None:
+        self._close()
         for path in (self.events, self.meta, self.done, self.reader):
             path.unlink(missing_ok=True)
 

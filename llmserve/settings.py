@@ -221,10 +221,14 @@ class StreamSettings(BaseModel):
         4 * 1024 * 1024, ge=4096, le=1 << 30, description="Bytes of events one resumable stream may keep."
     )
     tenant_bytes: int = Field(
-        64 * 1024 * 1024, ge=4096, le=1 << 40, description="Buffers one tenant's resumable streams may reserve."
+        256 * 1024 * 1024,
+        ge=4096,
+        le=1 << 40,
+        description="Bytes one tenant's resumable streams may reserve: a running one its buffer, an ended one "
+        "its events.",
     )
     total_bytes: int = Field(
-        256 * 1024 * 1024, ge=4096, le=1 << 40, description="Buffers all resumable streams may reserve."
+        1024 * 1024 * 1024, ge=4096, le=1 << 40, description="Bytes all resumable streams may reserve so."
     )
 
     def limits(self, heartbeat: float) -> JournalLimits:

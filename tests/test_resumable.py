@@ -77,6 +77,12 @@ def test_buffers_are_reserved_against_the_tenant_and_the_server(tmp_path: Path) 
     with pytest.raises(JournalsFull) as full:
         journals.create("b2", "beta")
     assert not full.value.tenant
+    for name in ("a1", "a2"):  # an ended journal reserves only what it holds
+        ended = journals.find(name, "alpha")
+        assert ended is not None
+        ended.append(frame(1), last=True)
+        ended.finish()
+    journals.create("b2", "beta")
 
 
 def test_a_journal_is_found_only_by_its_tenant_and_only_until_it_expires(tmp_path: Path) -> None:

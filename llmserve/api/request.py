@@ -312,9 +312,7 @@ def respond(
     registry = current_registry()
     log_fields = current_request().log
     origin = origin_of(model)
-    journal = (
-        open_journal(response_id, tenant.name) if body.stream and wants_resumable(settings.streams.resumable) else None
-    )
+    resumable = body.stream and wants_resumable(settings.streams.resumable)
     run = GenerationRun(
         model.engine,
         choices,
@@ -322,13 +320,15 @@ def respond(
         heartbeat=settings.heartbeat_interval,
         admission_timeout=settings.queue_timeout + 5,
         # A resumable stream's client may leave and come back: the stream's writes notice it leaving.
-        client_gone=ClientWatch(request.environ).gone if journal is None else lambda: False,
+        client_gone=(lambda: False) if resumable else ClientWatch(request.environ).gone,
     )
     prompt_tokens = run.usage.prompt_tokens
     reservation = quotas.reserve_tokens(
         tenant, prompt_tokens + sum(c.spec.max_tokens for c in choices), needed=prompt_tokens + len(choices)
     )
+    journal = None
     try:
+        journal = open_journal(response_id, tenant.name) if resumable else None
         run.admit()
     except BaseException as exc:
         run.close()
