@@ -64,6 +64,7 @@ class LoadConfig:
     request_deadline_s: float = 600.0
     max_wall_s: float = 3600.0
     api_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (X-Stream-Resumable)
 
     def n_requests(self) -> int:
         """Total requests in the phase (explicit total wins over per-worker)."""
@@ -136,7 +137,7 @@ def _ms_stats(values_s: list[float]) -> dict[str, float | int | None]:
 
 
 def _headers(cfg: LoadConfig) -> dict[str, str]:
-    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    return ({"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}) | cfg.headers
 
 
 def build_payload(cfg: LoadConfig, index: int) -> dict[str, Any]:
