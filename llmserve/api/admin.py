@@ -107,7 +107,7 @@ class AliasRequest(AliasSettings):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _alias_view(name: str, alias: AliasSettings) -> dict[str, Any]:
+def alias_view(name: str, alias: AliasSettings) -> dict[str, Any]:
     return {"id": name, "object": "alias", **alias.model_dump(mode="json")}
 
 
@@ -118,7 +118,7 @@ def list_aliases() -> Response:
         aliases = ModelControl(server_settings()).aliases()
     except ModelControlError as exc:
         raise _refused(exc) from None
-    return jsonify({"object": "list", "data": [_alias_view(name, alias) for name, alias in aliases.items()]})
+    return jsonify({"object": "list", "data": [alias_view(name, alias) for name, alias in aliases.items()]})
 
 
 @blueprint.put("/v1/admin/aliases/<path:name>")
@@ -139,7 +139,7 @@ def set_alias(name: str) -> Response:
         control.set_alias(name, alias)
     except ModelControlError as exc:
         raise _refused(exc) from None
-    return jsonify({**_alias_view(name, alias), **({"golden_set": gate} if gate else {})})
+    return jsonify({**alias_view(name, alias), **({"golden_set": gate} if gate else {})})
 
 
 def _new_canary(current: AliasSettings | None, alias: AliasSettings) -> bool:
@@ -191,4 +191,4 @@ def promote_alias(name: str) -> Response:
         promoted = ModelControl(server_settings()).promote(name)
     except ModelControlError as exc:
         raise _refused(exc) from None
-    return jsonify(_alias_view(name, promoted))
+    return jsonify(alias_view(name, promoted))

@@ -64,9 +64,13 @@ class Outcomes:
     def forget(self, model: str) -> None:
         self._by_model.pop(model, None)
 
-    def summary(self, model: str, window: float, since: float | None = None) -> Summary:
+    def recent(self, model: str, window: float, since: float | None = None) -> list[Outcome]:
+        """``model``'s outcomes of the last ``window`` seconds (and not before ``since``), oldest first."""
         start = max(self._clock() - window, since if since is not None else float("-inf"))
-        recent = [outcome for outcome in self._by_model.get(model, ()) if outcome.at >= start]
+        return [outcome for outcome in self._by_model.get(model, ()) if outcome.at >= start]
+
+    def summary(self, model: str, window: float, since: float | None = None) -> Summary:
+        recent = self.recent(model, window, since)
         if not recent:
             return Summary(0, 0.0, 0.0, None)
         answered = [outcome for outcome in recent if not outcome.failed]

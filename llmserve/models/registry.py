@@ -40,6 +40,7 @@ from llmserve.gpu import GpuMonitor
 from llmserve.ledger.native import allocate_lock
 from llmserve.metrics import LLMMetrics
 from llmserve.models import state
+from llmserve.models.activity import WINDOW_SECONDS, Activity, ttft_view
 from llmserve.models.judge import Outcome, Outcomes, verdict
 from llmserve.models.routing import Route, route
 from llmserve.models.served import ServedModel, off_hub
@@ -67,6 +68,7 @@ class ModelRegistry:
         self.models: dict[str, ServedModel] = {}
         self.unloading: dict[str, ServedModel] = {}
         self.outcomes = Outcomes()
+        self.activity = Activity()
         self._canary_since: dict[str, float] = {}  # alias: when this worker first saw its canary take traffic
         try:
             changes = self._state.read()
@@ -155,6 +157,7 @@ class ModelRegistry:
             del self.unloading[model.id]
         if model.id not in self.models:  # a namesake loaded again keeps its figures
             self.outcomes.forget(model.id)
+            self.activity.forget(model.id)
             self.metrics.forget_model(model.id, model.version, self._tenant_names)
         log.info("model %s: unloaded", model.id)
 
@@ -172,6 +175,9 @@ class ModelRegistry:
                     self.aliases = changes.desired_aliases(self._settings.aliases)
                 except ModelStateError as exc:
                     log.error("%s; keeping the models served", exc)
+            for name, model in self.models.items():
+                stats = model.engine.stats()
+                self.activity.sample(name, stats.generated_tokens, stats.queued)
             status = self.status()
             if status != reported:
                 reported = status
@@ -179,8 +185,9 @@ class ModelRegistry:
             gevent.sleep(SYNC_INTERVAL)
 
     def status(self) -> dict[str, Any]:
-        """This worker's models: each one's state, version and load (what the balancer's agent reads)."""
-        models = {name: _model_status(model) for name, model in self.models.items()}
+        """This worker's models: each one's state, version and load (what the balancer's agent reads), and
+        their recent activity (what ``GET /v1/status`` sums)."""
+        models = {name: self._model_status(model) for name, model in self.models.items()}
         models |= {name: {"status": "unloading", "version": model.version} for name, model in self.unloading.items()}
         return {"pid": os.getpid(), "models": models}
 
@@ -189,6 +196,22 @@ class ModelRegistry:
             self._status.write(status)
         except OSError as exc:
             log.warning("could not write %s: %s", self._status.path, exc)
+
+    def _model_status(self, model: ServedModel) -> dict[str, Any]:
+        stats = model.engine.stats()
+        recent = self.outcomes.recent(model.id, WINDOW_SECONDS)
+        return {
+            "status": model.engine.state.value,
+            "version": model.version,
+            "slots": stats.slots_total,
+            "busy": stats.slots_busy,
+            "queued": stats.queued,
+            "tenants": {
+                name: [load.running, load.queued] for name, load in stats.tenants.items() if load.running or load.queued
+            },
+            "activity": self.activity.view(model.id),
+            "ttfts": ttft_view(outcome.ttft for outcome in recent if outcome.ttft is not None),
+        }
 
     # -- canaries -----------------------------------------------------------------------------------
 
@@ -293,17 +316,6 @@ class ModelRegistry:
         principal = current_principal().tenant
         if (name not in self.models and name not in self.aliases) or (principal and not principal.may_use(name)):
             raise _not_found(name)
-
-
-def _model_status(model: ServedModel) -> dict[str, Any]:
-    stats = model.engine.stats()
-    return {
-        "status": model.engine.state.value,
-        "version": model.version,
-        "slots": stats.slots_total,
-        "busy": stats.slots_busy,
-        "queued": stats.queued,
-    }
 
 
 def _not_found(name: str) -> ModelNotFound:

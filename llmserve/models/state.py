@@ -129,6 +129,17 @@ def worker_statuses(state_dir: Path) -> list[dict[str, Any]]:
     return statuses
 
 
+def tenant_loads(statuses: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Each tenant's running and queued requests, summed over the workers' models (tenants with none left out)."""
+    loads: dict[str, tuple[int, int]] = {}
+    for status in statuses:
+        for report in status["models"].values():
+            for tenant, (running, queued) in report.get("tenants", {}).items():
+                total = loads.get(tenant, (0, 0))
+                loads[tenant] = (total[0] + running, total[1] + queued)
+    return loads
+
+
 def load(configured: dict[str, ModelSettings], model: ModelSettings) -> Change:
     """The change that adds ``model``; a model of that name that is served already is refused."""
 
