@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     llm_metrics = metrics.init_app(app, settings)
     Accounting(settings, llm_metrics).init_app(app)
     ModelRegistry(settings, llm_metrics, tenancy).init_app(app)
-    routes.init_app(app, quotas)
+    routes.init_app(app, quotas, with_console=settings.console)
     resume.init_app(app, settings)
     if settings.trusted_proxies:
         app.wsgi_app = TrustedProxies(app.wsgi_app, networks(settings.trusted_proxies))  # type: ignore[method-assign]

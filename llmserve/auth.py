@@ -19,8 +19,11 @@ from llmserve.tenancy import current_tenancy
 
 METRICS_PATH = "/metrics"
 OPENAPI_PATH = "/openapi.json"
-# Answered without a tenant key: the probes, the scrape (checked on its own below) and the API's description.
-PUBLIC_PATHS = PROBE_PATHS | {OPENAPI_PATH}
+CONSOLE_PATH = "/"
+CONSOLE_ASSETS = "/console/"  # the console's scripts and styles, under one prefix
+# Answered without a tenant key: the probes, the scrape (checked on its own below), the API's description
+# and the console's page and assets (the console asks for a key and sends it with its API calls).
+PUBLIC_PATHS = PROBE_PATHS | {OPENAPI_PATH, CONSOLE_PATH}
 
 
 def presented_key() -> str | None:
@@ -45,7 +48,7 @@ def authenticate() -> None:
         raise PermissionDenied(
             "The metrics show every tenant's traffic: they need the admin key, or a client address in metrics_networks."
         )
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.path.startswith(CONSOLE_ASSETS):
         return
     tenancy = current_tenancy()
     if tenancy.keyless is not None:

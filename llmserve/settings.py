@@ -352,6 +352,9 @@ class Settings(BaseSettings):
     prices: PriceSettings = Field(
         default_factory=PriceSettings, description="Prices per model, recorded with each request's cost."
     )
+    console: bool = Field(
+        True, description="Serve the browser console at / (status, playground, tenants and usage); off: / is a 404."
+    )
 
     @model_validator(mode="before")
     @classmethod

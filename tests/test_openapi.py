@@ -50,7 +50,7 @@ def test_with_tenants_every_operation_but_the_public_ones_needs_a_bearer_key(tmp
         for method, operation in operations.items()
     }
     public = {path for (path, _), needs in security.items() if not needs}
-    assert public == {"/healthz", "/readyz", "/metrics", "/openapi.json"}
+    assert public == {"/healthz", "/readyz", "/metrics", "/openapi.json", "/", "/console/{name}"}
     assert "401" in document["paths"]["/v1/completions"]["post"]["responses"]
 
 

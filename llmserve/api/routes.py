@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from flask import Flask
 
-from llmserve.api import admin, chat, completions, embeddings, health, models, openapi, tenants, usage
+from llmserve.api import (
+    admin,
+    chat,
+    completions,
+    console,
+    embeddings,
+    health,
+    models,
+    openapi,
+    status,
+    tenants,
+    usage,
+)
 from llmserve.quotas import Quotas
 from llmserve.tenancy import require_tenant
 
@@ -14,8 +26,10 @@ for _blueprint in METERED:
     _blueprint.before_request(require_tenant)  # an admin key is refused before any work is done
 
 
-def init_app(app: Flask, quotas: Quotas) -> None:
+def init_app(app: Flask, quotas: Quotas, *, with_console: bool) -> None:
     for blueprint in METERED:
         quotas.requests(blueprint)
-    for module in (models, completions, chat, embeddings, tenants, usage, admin, health, openapi):
+    for module in (models, completions, chat, embeddings, tenants, usage, admin, status, health, openapi):
         app.register_blueprint(module.blueprint)
+    if with_console:
+        app.register_blueprint(console.blueprint)
