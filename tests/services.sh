@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the test suite needs outside Python, installed (Debian packages) or started when missing:
 # promtool for the alert rules, kubectl for the Kubernetes manifests, HAProxy and nginx for the fleet
-# tests (which start their own, on free ports), Redis and PostgreSQL on their
+# tests (which start their own, on free ports), Chromium for the console's browser tests, Redis and
+# PostgreSQL on their
 # default loopback ports for the quota and ledger tests. `make test` runs it first. Without root it
 # cannot install: it then stops with the one command that would.
 set -euo pipefail
@@ -11,6 +12,7 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 command -v haproxy >/dev/null 2>&1 || [[ -x /usr/sbin/haproxy ]] || missing+=(haproxy)
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || missing+=(redis-server)
 command -v pg_ctlcluster >/dev/null 2>&1 || pg_isready -h 127.0.0.1 -p 5432 >/dev/null 2>&1 || missing+=(postgresql)
 if ((${#missing[@]})); then
