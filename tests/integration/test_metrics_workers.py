@@ -83,6 +83,21 @@ def test_counters_add_up_across_workers(two_workers: Server) -> None:
         assert sample(two_workers, "llmserve_generation_tokens_total") == before + 4 * requests
 
 
+def test_status_describes_every_worker_whichever_answers(two_workers: Server) -> None:
+    """GET /v1/status sums the status files of both workers: their slots, and the tokens both generated
+    (the previous test had each worker serve completions)."""
+
+    def host() -> dict:
+        [model] = httpx.get(f"{two_workers.url}/v1/status", timeout=10).json()["models"]
+        return dict(model)
+
+    assert wait_for(lambda: set(host()["workers"]) == {str(pid) for pid in two_workers.worker_pids()}, timeout=30)
+    for _ in range(4):  # fresh connections: either worker may answer, and each says the same
+        model = host()
+        assert (model["slots_total"], model["status"]) == (4, "ready")
+    assert wait_for(lambda: sum(host()["series"]["tokens_per_second"]) > 0, timeout=30)
+
+
 def test_gauges_sum_live_workers_and_forget_dead_ones(two_workers: Server) -> None:
     assert settles(two_workers, "llmserve_slots_total", 4.0)  # 2 workers x 2 slots
     victim = two_workers.worker_pids()[0]
