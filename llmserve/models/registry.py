@@ -9,8 +9,9 @@ The set follows the shared state file (``state``): each worker polls it once a s
 added there beside the running ones (requests for it get 503 ``model_loading`` until it is warm), and
 unloads a model taken away: from then on it is not found, its queued requests are refused with a
 retryable 503, its running generations finish (within ``graceful_timeout``), then its engine stops and,
-once no response uses it any more, its weights are freed. Each worker writes what it serves to a status
-file beside the state file, so that ``llmserve models status`` can show every worker's view.
+once no response uses it any more, its weights are freed. Each worker writes what it serves, its load
+and its recent activity (``activity``) to a status file beside the state file, so that ``llmserve models
+status``, the agent check, ``GET /v1/status`` and the tenant views can show every worker's view.
 
 Aliases (``[aliases.NAME]``, or set at runtime in the same state file) are client-facing names routed
 to a stable model and, for a share of the sessions, a canary (``routing``). Every finished request
