@@ -29,14 +29,14 @@ def test_a_bucket_holds_the_tokens_generated_in_it_and_its_longest_queue() -> No
     assert activity.view("m") == {"last": START // BUCKET_SECONDS, "tokens": [100], "queued": [3]}
 
 
-def test_buckets_the_hub_missed_stay_empty_and_the_window_is_bounded() -> None:
+def test_tokens_made_while_the_hub_missed_buckets_are_spread_over_them_and_the_window_is_bounded() -> None:
     clock = Clock(START)
     activity = Activity(clock)
-    activity.sample("m", 0, 0)
+    activity.sample("m", 0, 4)
     clock.now = START + 3 * BUCKET_SECONDS
-    activity.sample("m", 30, 0)
+    activity.sample("m", 31, 1)
     view = activity.view("m")
-    assert view is not None and view["tokens"] == [0, 0, 30]
+    assert view is not None and view["tokens"] == [10, 10, 11] and view["queued"] == [4, 1, 1]
     for bucket in range(4, 4 + 2 * BUCKETS):
         clock.now = START + bucket * BUCKET_SECONDS
         activity.sample("m", 30 + bucket, 0)
@@ -53,6 +53,13 @@ def test_a_model_loaded_again_starts_a_new_history() -> None:
     clock.now += BUCKET_SECONDS
     activity.sample("m", 10, 0)  # the counter went back: a new engine
     assert activity.view("m") is None
+
+
+def test_the_window_waits_for_the_workers_to_close_the_newest_bucket() -> None:
+    last = START // BUCKET_SECONDS
+    just_after_a_boundary = (last + 2) * BUCKET_SECONDS + 0.2  # bucket last + 1 ended; nobody closed it yet
+    host = host_activity([({"last": last, "tokens": [7], "queued": [0]}, [])], just_after_a_boundary)
+    assert host.tokens[-1] == 7 and host.first + BUCKETS - 1 == last
 
 
 def test_the_host_sums_workers_whose_buckets_line_up_on_the_clock() -> None:

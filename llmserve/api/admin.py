@@ -37,6 +37,11 @@ class ModelLoadRequest(ModelSettings):
     id: str = Field(pattern=MODEL_ID, description="The model id clients will send.")
 
 
+# What this view shows of the answering worker's status report (the rest is for GET /v1/status).
+WORKER_FIELDS = ("status", "version", "slots", "busy", "queued")
+PENDING = {"status": "pending", "version": None}
+
+
 def _refused(error: ModelControlError) -> Exception:
     if error.refusal is Refusal.NOT_FOUND:
         return ModelNotFound(str(error), param="id")
@@ -63,7 +68,7 @@ def list_admin_models() -> Response:
             "source": entry.source,
             "path": str(entry.settings.path) if entry.settings.path else None,
             "embedded": entry.settings.embedded,
-            **here.get(name, {"status": "pending", "version": None}),
+            **{key: value for key, value in here.get(name, PENDING).items() if key in WORKER_FIELDS},
             "workers": {str(worker["pid"]): worker["models"].get(name, {}).get("status") for worker in workers},
         }
         for name, entry in desired.items()

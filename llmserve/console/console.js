@@ -1,26 +1,30 @@
 // The llmserve console: plain JavaScript over the server's own API, no build step.
 //
-// The key (when the server has tenants) lives in this tab's sessionStorage and goes out as a bearer
-// token; the views shown are those the key may read: /v1/status answers the admin key only, so a tenant
-// key sees the playground and its own usage.
+// The key (when the server has tenants) lives in this page's memory only, never in any storage, and goes
+// out as a bearer token; the views shown are those the key may read: /v1/status answers the admin key
+// only, so a tenant key sees the playground and its own usage.
 "use strict";
 
-const KEY_ITEM = "llmserve.key";
 const STATUS_EVERY_MS = 2000;
 const USAGE_EVERY_MS = 5000;
 
 const $ = (id) => document.getElementById(id);
-const state = { admin: false, view: null, timer: null, generation: null };
+const state = { key: null, admin: false, view: null, timer: null, refreshing: 0, generation: null };
 
 // -- talking to the server ------------------------------------------------------------------------
 
-function headers(extra = {}) {
-  const key = sessionStorage.getItem(KEY_ITEM);
-  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
-}
+class SignedOut extends Error {}
 
 async function api(path, options = {}) {
-  return fetch(path, { ...options, headers: headers(options.headers) });
+  const headers = state.key ? { ...options.headers, Authorization: `Bearer ${state.key}` } : options.headers;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    // The key was revoked (or none was given): back to the prompt, with the server's reason.
+    const message = await errorMessage(response);
+    signOut(state.key ? message : "");
+    throw new SignedOut(message);
+  }
+  return response;
 }
 
 async function errorMessage(response) {
@@ -64,19 +68,21 @@ function notice(text) {
 
 async function start() {
   notice("");
-  const models = await api("/v1/models");
-  if (models.status === 401) {
-    sessionStorage.removeItem(KEY_ITEM);
-    return showSignIn();
+  try {
+    const models = await api("/v1/models");
+    if (!models.ok) return notice(await errorMessage(models));
+    fillModels((await models.json()).data);
+    state.admin = (await api("/v1/status")).ok;
+  } catch (error) {
+    if (!(error instanceof SignedOut)) notice(`The server did not answer: ${error}`);
+    return;
   }
-  if (!models.ok) return notice(await errorMessage(models));
-  fillModels((await models.json()).data);
-  state.admin = (await api("/v1/status")).ok;
   $("sign-in").hidden = true;
   $("views").hidden = false;
-  $("sign-out").hidden = !sessionStorage.getItem(KEY_ITEM);
+  $("sign-out").hidden = !state.key;
   $("tab-status").hidden = !state.admin;
-  $("tab-usage").textContent = state.admin ? "Tenants and usage" : "Usage";
+  const usageTitle = state.admin ? "Tenants and usage" : "Usage";
+  $("tab-usage").textContent = $("usage-title").textContent = usageTitle;
   show(state.admin ? "status" : "playground");
 }
 
@@ -91,20 +97,16 @@ function showSignIn(message = "") {
 
 async function signIn(event) {
   event.preventDefault();
-  sessionStorage.setItem(KEY_ITEM, $("key").value.trim());
+  state.key = $("key").value.trim();
   $("key").value = "";
-  const check = await api("/v1/models");
-  if (check.status === 401) {
-    sessionStorage.removeItem(KEY_ITEM);
-    return showSignIn(await errorMessage(check));
-  }
   await start();
 }
 
-function signOut() {
-  sessionStorage.removeItem(KEY_ITEM);
+function signOut(message = "") {
+  state.key = null;
+  state.generation?.abort();
   stopRefresh();
-  showSignIn();
+  showSignIn(message);
 }
 
 const REFRESH = { status: [refreshStatus, STATUS_EVERY_MS], usage: [refreshUsage, USAGE_EVERY_MS] };
@@ -118,15 +120,27 @@ function show(view) {
     $(name).hidden = name !== view;
   }
   stopRefresh();
-  const refresh = REFRESH[view];
-  if (refresh) {
-    refresh[0]();
-    state.timer = setInterval(() => document.visibilityState === "visible" && refresh[0](), refresh[1]);
+  if (REFRESH[view]) refreshLoop(REFRESH[view], ++state.refreshing);
+}
+
+async function refreshLoop([refresh, everyMs], generation) {
+  // One refresh at a time, the next one a period after it ends (a slow answer never overtakes a newer
+  // one); paused while the tab is hidden; ended when the view changes.
+  if (generation !== state.refreshing) return;
+  if (document.visibilityState === "visible") {
+    try {
+      await refresh();
+    } catch (error) {
+      if (error instanceof SignedOut) return;
+      notice(`The server did not answer (${error}); the figures shown are from the last answer.`);
+    }
   }
+  if (generation === state.refreshing) state.timer = setTimeout(() => refreshLoop([refresh, everyMs], generation), everyMs);
 }
 
 function stopRefresh() {
-  clearInterval(state.timer);
+  state.refreshing++;
+  clearTimeout(state.timer);
   state.timer = null;
 }
 
@@ -150,7 +164,8 @@ async function refreshStatus() {
   const minutes = status.window_seconds / 60;
   $("status-summary").textContent =
     `${status.workers} worker${status.workers === 1 ? "" : "s"}; tokens/s over the last ${status.rate_seconds} s, ` +
-    `TTFT over the last ${minutes} minutes; refreshed every ${STATUS_EVERY_MS / 1000} s.`;
+    `TTFT over the last ${minutes} minutes; refreshed every ${STATUS_EVERY_MS / 1000} s.` +
+    (status.standby ? " In warm standby: the balancers send this instance no new requests until it is activated." : "");
   fillTable(
     $("models-table"),
     status.models.map((model) => [
@@ -270,7 +285,8 @@ async function generate(event) {
   try {
     const response = await api(chat ? "/v1/chat/completions" : "/v1/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      // Not resumable whatever the server's default: Stop must end the generation, not park it.
+      headers: { "Content-Type": "application/json", "X-Stream-Resumable": "false" },
       body: JSON.stringify(body),
       signal: controller.signal,
     });
@@ -293,6 +309,7 @@ async function generate(event) {
       }
     });
   } catch (error) {
+    if (error instanceof SignedOut) return;
     $("play-usage").textContent =
       error.name === "AbortError" ? "Stopped: the server cancels the generation and frees its slot." : String(error);
   } finally {
@@ -309,7 +326,7 @@ async function readEvents(response, onChunk) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
-    buffer += value.replaceAll("\r\n", "\n");
+    buffer = (buffer + value).replaceAll("\r\n", "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const event = buffer.slice(0, end);

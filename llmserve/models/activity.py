@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmserve.models.judge import percentile
+
 BUCKET_SECONDS = 5
 WINDOW_SECONDS = 300
 BUCKETS = WINDOW_SECONDS // BUCKET_SECONDS
@@ -46,11 +48,12 @@ class Activity:
             self._series[model] = _Series(bucket, generated_tokens, queued)
             return
         if bucket > series.bucket:
-            missed = min(bucket - series.bucket - 1, BUCKETS)  # the hub was held up: those buckets stay empty
-            series.tokens.extend([0] * missed)
-            series.queued.extend([series.longest_queue] * missed)
-            series.tokens.append(generated_tokens - series.tokens_at_start)
-            series.queued.append(series.longest_queue)
+            # The bucket being filled closes; when the hub was held up past whole buckets, the tokens made
+            # since the last sample are spread over them all.
+            closing = min(bucket - series.bucket, BUCKETS)
+            share, rest = divmod(generated_tokens - series.tokens_at_start, closing)
+            series.tokens.extend([share] * (closing - 1) + [share + rest])
+            series.queued.extend([series.longest_queue] + [queued] * (closing - 1))
             series.bucket, series.tokens_at_start, series.longest_queue = bucket, generated_tokens, queued
         else:
             series.longest_queue = max(series.longest_queue, queued)
@@ -86,16 +89,20 @@ class ModelActivity:
         return sum(recent) / (len(recent) * BUCKET_SECONDS) if recent else 0.0
 
     def ttft_percentile(self, share: float) -> float | None:
-        ordered = sorted(self.ttfts)
-        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else None
+        return percentile(sorted(self.ttfts), share)
 
 
 def host_activity(views: Iterable[tuple[dict[str, Any] | None, list[float]]], now: float) -> ModelActivity:
-    """Sum the workers' ``(Activity.view, ttft_view)`` of one model into the window that ends before ``now``."""
-    last = int(now // BUCKET_SECONDS) - 1
+    """Sum the workers' ``(Activity.view, ttft_view)`` of one model over the window that ends with the last
+    bucket that ended before ``now``, or the one before while no worker has closed that one yet (a worker
+    closes a bucket at its first sample after the bucket's end, up to a second later)."""
+    reported = list(views)
+    ended = int(now // BUCKET_SECONDS) - 1
+    closed = max((view["last"] for view, _ in reported if view is not None), default=ended)
+    last = max(ended - 1, min(ended, closed))
     first = last - BUCKETS + 1
     tokens, queued, ttfts = [0] * BUCKETS, [0] * BUCKETS, []
-    for view, worker_ttfts in views:
+    for view, worker_ttfts in reported:
         ttfts.extend(worker_ttfts)
         if view is None:
             continue

@@ -79,14 +79,15 @@ class Outcomes:
             requests=len(recent),
             error_rate=1 - len(answered) / len(recent),
             empty_rate=sum(outcome.empty for outcome in answered) / len(answered) if answered else 0.0,
-            ttft_p99=_percentile(ttfts, 0.99),
+            ttft_p99=percentile(ttfts, 0.99),
         )
 
 
-def _percentile(values: list[float], share: float) -> float | None:
-    if not values:
+def percentile(ordered: list[float], share: float) -> float | None:
+    """The nearest-rank percentile of sorted values (p99 of 100 values: the 99th), None of none."""
+    if not ordered:
         return None
-    return values[min(len(values) - 1, int(share * len(values)))]
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 def verdict(canary: Summary, stable: Summary, rules: CanarySettings) -> str | None:

@@ -11,8 +11,10 @@ replace the file atomically, so readers never see half of it.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,11 +103,16 @@ class ModelState:
             raise ModelStateError(f"cannot write {self.path}: {exc.strerror}") from exc
 
 
+def _host() -> str:
+    return socket.gethostname()
+
+
 class WorkerStatus:
-    """What one worker serves now, as it reports it beside the state file."""
+    """What one worker serves now, as it reports it beside the state file. The file is named by host and
+    pid: replicas that share one state directory (a Kubernetes volume) each read only their own host's."""
 
     def __init__(self, state_dir: Path, pid: int) -> None:
-        self.path = state_dir / STATUS_DIR / f"{pid}.json"
+        self.path = state_dir / STATUS_DIR / f"{_host()}-{pid}.json"
 
     def write(self, status: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,9 +127,9 @@ class WorkerStatus:
 def worker_statuses(state_dir: Path) -> list[dict[str, Any]]:
     """The status of every live worker on this host (files of workers that died unannounced are skipped)."""
     statuses = []
-    for path in sorted((state_dir / STATUS_DIR).glob("*.json")):
+    for path in sorted((state_dir / STATUS_DIR).glob(f"{glob.escape(_host())}-*.json")):
         try:
-            os.kill(int(path.stem), 0)
+            os.kill(int(path.stem.rpartition("-")[2]), 0)
             statuses.append(json.loads(path.read_text()))
         except (ValueError, OSError):  # not a pid, no such process, or gone while being read
             continue

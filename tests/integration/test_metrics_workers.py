@@ -84,17 +84,25 @@ def test_counters_add_up_across_workers(two_workers: Server) -> None:
 
 
 def test_status_describes_every_worker_whichever_answers(two_workers: Server) -> None:
-    """GET /v1/status sums the status files of both workers: their slots, and the tokens both generated
-    (the previous test had each worker serve completions)."""
+    """GET /v1/status sums the status files of both workers: their slots, and the tokens they generated."""
 
     def host() -> dict:
-        [model] = httpx.get(f"{two_workers.url}/v1/status", timeout=10).json()["models"]
+        # A fresh connection each time: either worker may answer, and the answer is the host's.
+        [model] = httpx.get(f"{two_workers.url}/v1/status", headers={"Connection": "close"}, timeout=10).json()[
+            "models"
+        ]
         return dict(model)
 
+    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 4, "logit_bias": NO_EOS}
+    for _ in range(4):
+        response = httpx.post(
+            f"{two_workers.url}/v1/completions", json=body, headers={"Connection": "close"}, timeout=120
+        )
+        assert response.status_code == 200
     assert wait_for(lambda: set(host()["workers"]) == {str(pid) for pid in two_workers.worker_pids()}, timeout=30)
-    for _ in range(4):  # fresh connections: either worker may answer, and each says the same
+    for _ in range(4):
         model = host()
-        assert (model["slots_total"], model["status"]) == (4, "ready")
+        assert (model["slots_total"], model["status"], len(model["workers"])) == (4, "ready", 2)
     assert wait_for(lambda: sum(host()["series"]["tokens_per_second"]) > 0, timeout=30)
 
 
