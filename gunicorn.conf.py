@@ -23,6 +23,7 @@ from llmserve.errors import write_protocol_error
 from llmserve.ledger.store import LedgerUnavailable, open_ledger
 from llmserve.logs import logging_config
 from llmserve.settings import SettingsError, available_cpus, keyless_refusal, load_settings
+from llmserve.standby import Standby
 
 # Every worker writes its metric samples here; it must be set before a worker imports prometheus_client.
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -65,7 +66,8 @@ control_socket_disable = True
 def on_starting(server):  # type: ignore[no-untyped-def]
     """Warn when the workers' decode threads outnumber the CPUs. Start from an empty metrics directory:
     samples of an earlier run's workers would be summed in. Bring the usage ledger's schema up to date
-    once, here, before any worker opens it; a ledger that cannot be opened stops the start."""
+    once, here, before any worker opens it; a ledger that cannot be opened stops the start. Enter warm
+    standby, or leave the one an earlier run was left in, as the settings say."""
     if _settings.oversubscribed:
         server.log.warning(
             "%d workers x %d decode threads exceed the %d CPUs: the threads will slow each other down; "
@@ -74,6 +76,7 @@ def on_starting(server):  # type: ignore[no-untyped-def]
             max(model.threads for model in _settings.models.values()),
             available_cpus(),
         )
+    Standby(_settings.state_dir).set(_settings.standby)
     directory = Path(os.environ[_METRICS_DIR])
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)

@@ -9,8 +9,9 @@ instance                      reply                                          HAP
 ============================  =============================================  =========================
 serving                       ``up ready <weight>% maxconn:<slots>``         balances on the weight,
                                                                              queues past ``slots``
-draining (SIGTERM), or no     ``up drain``                                   no new requests, running
-worker has a warm model yet                                                  ones finish
+draining (SIGTERM), in        ``up drain``                                   no new requests, running
+standby, or no worker has a                                                  ones finish
+warm model yet
 no model can serve (every     ``down #<why>``                                marks the server down
 model failed to load)
 ============================  =============================================  =========================
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from llmserve.models.state import worker_statuses
+from llmserve.standby import Standby
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class InstanceState(StrEnum):
     SERVING = "serving"
     LOADING = "loading"
     DRAINING = "draining"
+    STANDBY = "standby"
     FAILED = "failed"
 
 
@@ -68,8 +71,9 @@ class InstanceLoad:
     reason: str = ""
 
 
-def instance_load(statuses: Iterable[dict[str, Any]], *, draining: bool) -> InstanceLoad:
-    """The instance's load from its workers' status reports (``registry.status``)."""
+def instance_load(statuses: Iterable[dict[str, Any]], *, draining: bool, standby: bool = False) -> InstanceLoad:
+    """The instance's load from its workers' status reports (``registry.status``); a warm instance in
+    standby takes no traffic, as a draining one."""
     if draining:
         return InstanceLoad(InstanceState.DRAINING)
     slots = busy = queued = 0
@@ -86,7 +90,7 @@ def instance_load(statuses: Iterable[dict[str, Any]], *, draining: bool) -> Inst
             elif state == "failed":
                 failed = True
     if slots:
-        return InstanceLoad(InstanceState.SERVING, slots, busy, queued)
+        return InstanceLoad(InstanceState.STANDBY if standby else InstanceState.SERVING, slots, busy, queued)
     if failed and not loading:
         return InstanceLoad(InstanceState.FAILED, reason="no model could be loaded")
     return InstanceLoad(InstanceState.LOADING)
@@ -125,6 +129,7 @@ class AgentServer:
     def __init__(self, host: str, port: int, state_dir: Path) -> None:
         self.draining = False
         self._state_dir = state_dir
+        self._standby = Standby(state_dir)
         reply: Callable[[bool], str] = self.reply
 
         class Handler(socketserver.BaseRequestHandler):
@@ -136,7 +141,7 @@ class AgentServer:
         self.address = self._server.server_address
 
     def reply(self, weight: bool = True) -> str:
-        load = instance_load(worker_statuses(self._state_dir), draining=self.draining)
+        load = instance_load(worker_statuses(self._state_dir), draining=self.draining, standby=self._standby.on)
         return agent_reply(load, weight=weight)
 
     def start(self) -> None:

@@ -25,6 +25,7 @@ from llmserve.models.control import ModelControl, ModelControlError
 from llmserve.models.memory import MIB
 from llmserve.models.state import worker_statuses
 from llmserve.settings import CONFIG_ENV_VAR, ENV_PREFIX, ModelSettings, Settings, SettingsError, load_settings
+from llmserve.standby import Standby
 from llmserve.tenancy import open_key_store
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -299,6 +300,24 @@ def usage_report(
     finally:
         ledger.close()
     click.echo(report.render(rows, fmt), nl=False)
+
+
+@main.command()
+@_config_option
+def activate(config: Path | None) -> None:
+    """Leave warm standby: the balancers send this host's instance traffic again."""
+    settings = _apply(config, {})
+    changed = Standby(settings.state_dir).set(False)
+    click.echo("activated" if changed else "not in standby")
+
+
+@main.command()
+@_config_option
+def standby(config: Path | None) -> None:
+    """Enter warm standby: the balancers send no new traffic; the models stay loaded and warm."""
+    settings = _apply(config, {})
+    changed = Standby(settings.state_dir).set(True)
+    click.echo("in standby" if changed else "already in standby")
 
 
 @main.command()

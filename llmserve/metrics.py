@@ -82,6 +82,9 @@ class LLMMetrics:
     kv_cells_total: Gauge
     queue_length: Gauge
     saturation: Gauge
+    drain_rate: Gauge
+    desired_replicas: Gauge
+    standby: Gauge
     kv_cache_usage: Gauge
     model_load_seconds: Gauge
     model_info: Gauge
@@ -140,6 +143,17 @@ class LLMMetrics:
                 "llmserve_saturation",
                 "0-1: (busy slots + queued requests) / slots, at most 1; the most saturated worker's.",
                 mode="livemax",
+            ),
+            drain_rate=gauge("llmserve_drain_rate", "Requests finished per second, a 30-second average."),
+            # Every worker computes the instance's value from all the workers' status files: their maximum.
+            desired_replicas=gauge(
+                "llmserve_desired_replicas",
+                "Instances this instance's load would need (fractional; a fleet needs ceil of the sum).",
+                (),
+                "livemax",
+            ),
+            standby=gauge(
+                "llmserve_standby", "1 while the instance is in warm standby (no new traffic).", (), "livemax"
             ),
             kv_cache_usage=gauge(
                 "llmserve_kv_cache_usage_ratio",
@@ -275,6 +289,7 @@ class LLMMetrics:
         self.kv_cells_total.labels(model).set(kv_cells)
         self.queue_length.labels(model).set(stats.queued)
         self.saturation.labels(model).set(stats.saturation)
+        self.drain_rate.labels(model).set(stats.jobs_per_second)
         self.kv_cache_usage.labels(model).set(stats.kv_cells_used / kv_cells if kv_cells else 0.0)
         if stats.model_load_seconds:
             self.model_load_seconds.labels(model).set(stats.model_load_seconds)
@@ -298,6 +313,7 @@ class LLMMetrics:
             self.kv_cells_total,
             self.queue_length,
             self.saturation,
+            self.drain_rate,
             self.kv_cache_usage,
         ):
             gauge.labels(model).set(0)

@@ -202,6 +202,19 @@ class CanarySettings(BaseModel):
     )
 
 
+class ScalingSettings(BaseModel):
+    """What ``llmserve_desired_replicas`` aims at (``llmserve.scaling``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_utilisation: float = Field(
+        0.8, gt=0, le=1, description="Share of the slots an instance should keep busy, leaving headroom."
+    )
+    target_queue_wait: float = Field(
+        2.0, gt=0, le=600, description="Seconds within which the queue should be gone at the measured drain rate."
+    )
+
+
 class StreamSettings(BaseModel):
     """Resumable streams (``api.resume``): how long a stream waits for its client, and how much it may keep."""
 
@@ -342,6 +355,9 @@ class Settings(BaseSettings):
     )
     canary: CanarySettings = Field(default_factory=CanarySettings, description="Automatic canary rollback.")
     streams: StreamSettings = Field(default_factory=StreamSettings, description="Resumable streams.")
+    scaling: ScalingSettings = Field(
+        default_factory=ScalingSettings, description="The scaling signal autoscalers read (llmserve_desired_replicas)."
+    )
     memory_budget_mib: int | None = Field(
         None,
         ge=64,
@@ -354,6 +370,11 @@ class Settings(BaseSettings):
     )
     console: bool = Field(
         True, description="Serve the browser console at / (status, playground, tenants and usage); off: / is a 404."
+    )
+    standby: bool = Field(
+        False,
+        description="Start in warm standby: models loaded and warm, the agent check answering drain until "
+        "POST /v1/admin/activate or llmserve activate.",
     )
 
     @model_validator(mode="before")

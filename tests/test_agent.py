@@ -11,6 +11,7 @@ import pytest
 
 from llmserve.agent import AgentServer, InstanceLoad, InstanceState, agent_reply, instance_load
 from llmserve.models.state import WorkerStatus
+from llmserve.standby import Standby
 
 
 def model(status: str, slots: int = 4, busy: int = 0, queued: int = 0) -> dict[str, object]:
@@ -59,6 +60,14 @@ def test_an_instance_is_loading_until_a_model_serves_and_down_when_none_can() ->
 
 def test_draining_wins_over_everything() -> None:
     assert instance_load([worker(a=model("ready"))], draining=True).state is InstanceState.DRAINING
+    assert instance_load([worker(a=model("ready"))], draining=True, standby=True).state is InstanceState.DRAINING
+
+
+def test_a_warm_instance_in_standby_takes_no_traffic_and_a_failed_one_still_reports_down() -> None:
+    standing_by = instance_load([worker(a=model("ready", 4))], draining=False, standby=True)
+    assert standing_by.state is InstanceState.STANDBY and agent_reply(standing_by) == "up drain\n"
+    failed = instance_load([worker(a=model("failed"))], draining=False, standby=True)
+    assert agent_reply(failed).startswith("down")
 
 
 def ask(address: tuple[str, int], send: bytes = b"") -> str:
@@ -70,7 +79,7 @@ def ask(address: tuple[str, int], send: bytes = b"") -> str:
 
 def test_the_listener_answers_from_the_workers_status_files(tmp_path: Path) -> None:
     WorkerStatus(tmp_path, os.getpid()).write(worker(a=model("ready", 4, busy=3)))
-    dead = tmp_path / "models-status" / "999999999.json"  # a worker that died unannounced: not counted
+    dead = tmp_path / "models-status" / f"{socket.gethostname()}-999999999.json"  # died unannounced: not counted
     dead.write_text(json.dumps(worker(a=model("ready", 100))))
     agent = AgentServer("127.0.0.1", 0, tmp_path)
     agent.start()
@@ -79,6 +88,10 @@ def test_the_listener_answers_from_the_workers_status_files(tmp_path: Path) -> N
         assert ask(address) == "up ready 40% maxconn:4\n"
         assert ask(address, b"load\n") == "up ready 40% maxconn:4\n"
         assert ask(address, b"state\n") == "up ready maxconn:4\n"
+        Standby(tmp_path).set(True)  # warm, and given no traffic until activated
+        assert ask(address) == ask(address, b"state\n") == "up drain\n"
+        Standby(tmp_path).set(False)
+        assert ask(address) == "up ready 40% maxconn:4\n"
         agent.draining = True
         assert ask(address) == "up drain\n"
     finally:

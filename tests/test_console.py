@@ -52,8 +52,7 @@ def test_the_console_can_be_turned_off(tmp_path: Path) -> None:
         assert response.status_code == 404 and response.is_json
 
 
-def _report(state_dir: Path, pid: int, busy: int, queued: int, tenants: dict[str, list[int]]) -> None:
-    last = int(time.time() // BUCKET_SECONDS) - 1
+def _report(state_dir: Path, pid: int, last: int, busy: int, queued: int, tenants: dict[str, list[int]]) -> None:
     model = {
         "status": "ready",
         "version": "abc",
@@ -72,20 +71,21 @@ def test_status_sums_every_live_worker_of_the_host_for_the_admin_only(settings: 
     _, admin = store.create(None, admin=True)
     _, tenant = store.create("alpha")
     parent = os.getppid()  # another live process, standing for a second worker
-    _report(settings.state_dir, os.getpid(), busy=2, queued=1, tenants={"alpha": [2, 1]})
-    _report(settings.state_dir, parent, busy=1, queued=0, tenants={"alpha": [1, 0]})
-    _report(settings.state_dir, 2**22 + 12345, busy=4, queued=9, tenants={})  # a worker that died unannounced
+    last = int(time.time() // BUCKET_SECONDS) - 1  # the window still ends there should a bucket end meanwhile
+    _report(settings.state_dir, os.getpid(), last, busy=2, queued=1, tenants={"alpha": [2, 1]})
+    _report(settings.state_dir, parent, last, busy=1, queued=0, tenants={"alpha": [1, 0]})
+    _report(settings.state_dir, 2**22 + 12345, last, busy=4, queued=9, tenants={})  # died unannounced
     client = create_app(settings).test_client()
     assert client.get("/v1/status").status_code == 401
     assert client.get("/v1/status", headers=bearer(tenant)).status_code == 403
     status = client.get("/v1/status", headers=bearer(admin)).json
-    assert status["workers"] == 2
+    assert status["workers"] == 2 and status["standby"] is False
     [model] = status["models"]
     assert model["status"] == "ready" and set(model["workers"]) == {str(os.getpid()), str(parent)}
     assert (model["slots_total"], model["slots_busy"], model["queued"]) == (8, 3, 1)
     assert model["tokens_per_second"] == round(300 / 60, 2)
     assert model["series"]["tokens_per_second"][-2:] == [100 / BUCKET_SECONDS, 200 / BUCKET_SECONDS]
-    assert (model["ttft_p50_seconds"], model["ttft_p99_seconds"]) == (0.4, 0.4)
+    assert (model["ttft_p50_seconds"], model["ttft_p99_seconds"]) == (0.2, 0.4)
     assert status["tenants"] == [{"id": "alpha", "running": 3, "queued": 1}]
     me = client.get("/v1/tenants/me", headers=bearer(tenant)).json
     assert (me["running"], me["queued"]) == (3, 1)  # every worker's, not only the one that answered

@@ -6,7 +6,8 @@
 others serve does not fail it: restarting would not mend the file. ``/readyz`` is 200 once no model is
 still loading and at least one is warm, and 503 again from the moment the worker starts draining; it
 reports each model, and its engine details (tenants' load among them) are for callers that may read the
-metrics. Both answer from the hub without touching llama.cpp.
+metrics. An instance in warm standby is ready (its models are warm) and says ``"standby": true``: its
+agent check keeps the balancers' traffic away. Both answer from the hub without touching llama.cpp.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from llmserve.api.request import server_settings
 from llmserve.auth import may_observe
 from llmserve.models.registry import current_registry
 from llmserve.models.served import ServedModel
+from llmserve.standby import Standby
 
 blueprint = Blueprint("health", __name__)
 
@@ -68,7 +70,8 @@ def readyz() -> Response:
     ready = registry.ready
     status = "ready" if ready else ("draining" if registry.draining else "loading" if registry.loading else "failed")
     models = {model.id: _model_readiness(model, observer) for model in registry.models.values()}
-    response = _probe({"status": status, "models": models}, ready)
+    standby = {"standby": True} if Standby(server_settings().state_dir).on else {}  # ready, and given no traffic
+    response = _probe({"status": status, **standby, "models": models}, ready)
     if not ready:
         response.headers["Retry-After"] = "5"
     return response

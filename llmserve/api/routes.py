@@ -11,6 +11,7 @@ from llmserve.api import (
     console,
     embeddings,
     health,
+    instance,
     models,
     openapi,
     status,
@@ -29,7 +30,7 @@ for _blueprint in METERED:
 def init_app(app: Flask, quotas: Quotas, *, with_console: bool) -> None:
     for blueprint in METERED:
         quotas.requests(blueprint)
-    for module in (models, completions, chat, embeddings, tenants, usage, admin, status, health, openapi):
+    for module in (models, completions, chat, embeddings, tenants, usage, admin, instance, status, health, openapi):
         app.register_blueprint(module.blueprint)
     if with_console:
         app.register_blueprint(console.blueprint)

@@ -19,6 +19,7 @@ from llmserve.api.request import server_settings
 from llmserve.models.activity import BUCKET_SECONDS, RATE_SECONDS, WINDOW_SECONDS, host_activity
 from llmserve.models.registry import current_registry
 from llmserve.models.state import tenant_loads, worker_statuses
+from llmserve.standby import Standby
 from llmserve.tenancy import require_admin
 
 blueprint = Blueprint("status", __name__)
@@ -59,7 +60,8 @@ def _model_view(name: str, reports: dict[int, dict[str, Any]], now: float) -> di
     Operation("Every worker's models, load and recent activity, summed for the host (admin key)", errors=(403,))
 )
 def host_status() -> Response:
-    statuses = worker_statuses(server_settings().state_dir)
+    state_dir = server_settings().state_dir
+    statuses = worker_statuses(state_dir)
     reports: dict[str, dict[int, dict[str, Any]]] = {}
     for status in statuses:
         for name, report in status["models"].items():
@@ -70,6 +72,7 @@ def host_status() -> Response:
         {
             "object": "status",
             "workers": len(statuses),
+            "standby": Standby(state_dir).on,
             "bucket_seconds": BUCKET_SECONDS,
             "window_seconds": WINDOW_SECONDS,
             "rate_seconds": RATE_SECONDS,

@@ -45,8 +45,10 @@ from llmserve.models.activity import WINDOW_SECONDS, Activity, ttft_view
 from llmserve.models.judge import Outcome, Outcomes, verdict
 from llmserve.models.routing import Route, route
 from llmserve.models.served import ServedModel, off_hub
-from llmserve.models.state import ModelState, ModelStateError, WorkerStatus
+from llmserve.models.state import ModelState, ModelStateError, WorkerStatus, worker_statuses
+from llmserve.scaling import desired_replicas
 from llmserve.settings import AliasSettings, ModelSettings, Settings
+from llmserve.standby import Standby
 from llmserve.tenancy import Tenancy, current_principal
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class ModelRegistry:
             self._add(model)
         self.aliases: dict[str, AliasSettings] = changes.desired_aliases(settings.aliases)
         self.draining = False
+        self._stopped = False
 
     def init_app(self, app: Flask) -> None:
         app.extensions[EXTENSION] = self
@@ -92,6 +95,7 @@ class ModelRegistry:
         gevent.spawn(self._judge_canaries)
 
     def stop(self) -> None:
+        self._stopped = True  # before anything yields: no status file is written after this
         for model in [*self.models.values(), *self.unloading.values()]:
             model.engine.stop()
         self._status.remove()
@@ -163,12 +167,13 @@ class ModelRegistry:
         log.info("model %s: unloaded", model.id)
 
     def _follow_state(self) -> None:
-        """Converge on the state file's models, and report this worker's, while it serves."""
+        """Converge on the state file's models while this worker serves, and report its own until it stops
+        (a draining worker's running requests still count in the tenant views)."""
         seen: tuple[int, int] | None = self._state.stamp()
         reported: dict[str, Any] | None = None
-        while not self.draining:
+        while not self._stopped:
             stamp = self._state.stamp()
-            if stamp != seen:
+            if stamp != seen and not self.draining:
                 seen = stamp
                 try:
                     changes = self._state.read()
@@ -207,6 +212,7 @@ class ModelRegistry:
             "slots": stats.slots_total,
             "busy": stats.slots_busy,
             "queued": stats.queued,
+            "drain": round(stats.jobs_per_second, 4),
             "tenants": {
                 name: [load.running, load.queued] for name, load in stats.tenants.items() if load.running or load.queued
             },
@@ -269,6 +275,7 @@ class ModelRegistry:
         self.metrics.workers_alive.set(1)
         process = psutil.Process()
         gpus = GpuMonitor()
+        standby = Standby(self._settings.state_dir)
         while self.models or self.unloading:
             for model in [*self.models.values(), *self.unloading.values()]:
                 engine = model.engine
@@ -280,6 +287,9 @@ class ModelRegistry:
                 if alias.canary is not None:
                     self.metrics.canary_weight.labels(name, alias.canary).set(alias.canary_weight)
             self.metrics.publish_process(process.memory_info().rss, gpus.read())
+            statuses = worker_statuses(self._settings.state_dir)  # the instance's: every worker's
+            self.metrics.desired_replicas.set(desired_replicas(statuses, self._settings.scaling))
+            self.metrics.standby.set(1 if standby.on else 0)
             gevent.sleep(ENGINE_METRICS_INTERVAL)
 
     # -- what the API asks -------------------------------------------------------------------------

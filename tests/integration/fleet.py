@@ -80,7 +80,7 @@ def instances(base: Path, count: int, *, agent: bool, config: str, **settings: s
     for index in range(count):
         directory = base / f"instance{index + 1}"
         directory.mkdir()
-        made.append(Instance(directory, free_port(), free_port() if agent else None, config, settings))
+        made.append(Instance(directory, free_port(), free_port() if agent else None, config, dict(settings)))
     return made
 
 
