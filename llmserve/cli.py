@@ -22,6 +22,8 @@ from llmserve.ledger import report
 from llmserve.ledger.settings import default_url
 from llmserve.ledger.store import Ledger, LedgerUnavailable, open_ledger
 from llmserve.models.control import ModelControl, ModelControlError
+from llmserve.models.files import ModelFileError, locate
+from llmserve.models.manifest import ManifestEntry, write_manifest
 from llmserve.models.memory import MIB
 from llmserve.models.state import worker_statuses
 from llmserve.settings import CONFIG_ENV_VAR, ENV_PREFIX, ModelSettings, Settings, SettingsError, load_settings
@@ -240,6 +242,28 @@ def unload_model(config: Path | None, name: str) -> None:
     except ModelControlError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"unloading {name}")
+
+
+@models.command("manifest")
+@_config_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write it here; default: print it.")
+def models_manifest(config: Path | None, out: Path | None) -> None:
+    """The configured models' files with their SHA-256, as JSON: give it to a replica as model_manifest,
+    and it refuses a copied file that differs. Reads every file (a hash is remembered per file)."""
+    settings = _apply(config, {})
+    entries = {}
+    for name, model in settings.models.items():
+        try:
+            found = locate(model, settings.cache_dir)
+        except ModelFileError as exc:
+            raise click.ClickException(str(exc)) from None
+        entries[name] = ManifestEntry(found.path.name, found.path.stat().st_size, found.sha256)
+    text = write_manifest(entries)
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out}: {len(entries)} models")
 
 
 @models.command("status")

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from llmserve.engine.config import EngineConfig, StepTimes
 from llmserve.ledger.prices import PriceSettings
 from llmserve.ledger.settings import LedgerSettings
+from llmserve.models.manifest import SHA256, ManifestEntry, read_manifest
 from llmserve.proxies import networks
 from llmserve.resumable import JournalLimits
 
@@ -121,6 +122,12 @@ class ModelSettings(BaseModel):
     )
     simulation: SimulationSettings = Field(
         default_factory=SimulationSettings, description="Step times of the simulated backend."
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=SHA256,
+        description="The GGUF's expected SHA-256 (from model_manifest, or set here); a file whose hash differs "
+        "is refused.",
     )
     chaos_error_rate: float = Field(
         0.0,
@@ -371,6 +378,10 @@ class Settings(BaseSettings):
     console: bool = Field(
         True, description="Serve the browser console at / (status, playground, tenants and usage); off: / is a 404."
     )
+    model_manifest: Path | None = Field(
+        None,
+        description="A model manifest (llmserve models manifest): each model it lists must have its SHA-256.",
+    )
     standby: bool = Field(
         False,
         description="Start in warm standby: models loaded and warm, the agent check answering drain until "
@@ -447,6 +458,8 @@ class Settings(BaseSettings):
         for name in self.aliases:
             if not re.match(MODEL_ID, name) or name in served:
                 raise ValueError(f"alias {name!r} must match {MODEL_ID} and differ from every model's name")
+        if self.model_manifest is not None:
+            served = _with_manifest_hashes(served, read_manifest(self.model_manifest))
         object.__setattr__(self, "models", served)  # frozen: the set is settled here, once
         return self
 
@@ -492,6 +505,19 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats the TOML file, which load_settings passes as init values.
         return env_settings, init_settings
+
+
+def _with_manifest_hashes(
+    models: dict[str, ModelSettings], manifest: dict[str, ManifestEntry]
+) -> dict[str, ModelSettings]:
+    """Each model the manifest lists, expecting its hash; a model whose own sha256 says otherwise is an error."""
+    hashed = {}
+    for name, model in models.items():
+        entry = manifest.get(name)
+        if entry is not None and model.sha256 not in (None, entry.sha256):
+            raise ValueError(f"models.{name}.sha256 differs from the model manifest's ({entry.sha256})")
+        hashed[name] = model if entry is None else model.model_copy(update={"sha256": entry.sha256})
+    return hashed
 
 
 class SettingsError(Exception):

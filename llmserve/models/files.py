@@ -53,7 +53,18 @@ class ModelFile:
 
 
 def locate(model: ModelSettings, cache_dir: Path) -> ModelFile:
-    """The model's readable GGUF file and its hash; a damaged or missing one is a ``ModelFileError``."""
+    """The model's readable GGUF file and its hash; a missing one, a damaged embedded one, or one whose
+    hash is not the ``sha256`` its settings expect (a model manifest's) is a ``ModelFileError``."""
+    found = _located(model, cache_dir)
+    if model.sha256 is not None and found.sha256 != model.sha256:
+        raise ModelFileError(
+            f"model {model.id!r}: {found.path} has sha256 {found.sha256}, but {model.sha256} is expected "
+            "(model_manifest or the model's sha256): refusing it; copy the file again, or correct the manifest"
+        )
+    return found
+
+
+def _located(model: ModelSettings, cache_dir: Path) -> ModelFile:
     path = path_of(model, cache_dir)
     if model.path is not None:
         return ModelFile(path, file_sha256(path, cache_dir))

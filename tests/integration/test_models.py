@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from llmserve.ledger.settings import default_url
 from llmserve.ledger.store import Ledger, usage_records
+from llmserve.models.manifest import ManifestEntry, write_manifest
 from tests.integration.conftest import MODEL, NO_EOS, Server, start_server, stop_server, wait_for
 
 pytestmark = pytest.mark.slow
@@ -86,10 +87,16 @@ def with_broken_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     directory = tmp_path_factory.mktemp("broken-models")
     corrupt = directory / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF" + bytes(4096))  # a GGUF header, then nothing llama.cpp can read
+    tampered = directory / "tampered.gguf"  # not the file the manifest describes
+    tampered.write_bytes(b"GGUF" + bytes(8192))
+    manifest = directory / "models-manifest.json"
+    manifest.write_text(write_manifest({"tampered": ManifestEntry("tampered.gguf", 8196, "0" * 64)}))
     config = (
+        f'model_manifest = "{manifest}"\n'
         f'[models.{MODEL}]\nembedded = "{MODEL}"\n'
         f'[models.corrupt]\npath = "{corrupt}"\n'
         f'[models.missing]\npath = "{directory / "missing.gguf"}"\n'
+        f'[models.tampered]\npath = "{tampered}"\n'
     )
     running = start_server(directory, config)
     yield running
@@ -104,8 +111,10 @@ def test_a_bad_model_file_leaves_the_other_models_serving(with_broken_models: Se
     assert models[MODEL]["status"] == "ready"
     assert models["corrupt"]["status"] == "failed" and "could not load" in models["corrupt"]["error"]
     assert models["missing"]["status"] == "failed" and "does not exist" in models["missing"]["error"]
+    refused = models["tampered"]
+    assert refused["status"] == "failed" and f"but {'0' * 64} is expected" in refused["error"], refused
     assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200  # a restart would not mend a file
-    for name in ("corrupt", "missing"):
+    for name in ("corrupt", "missing", "tampered"):
         response = httpx.post(
             f"{server.url}/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2}, timeout=30
         )
