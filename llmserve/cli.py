@@ -330,18 +330,18 @@ def usage_report(
 @_config_option
 def activate(config: Path | None) -> None:
     """Leave warm standby: the balancers send this host's instance traffic again."""
-    settings = _apply(config, {})
-    changed = Standby(settings.state_dir).set(False)
-    click.echo("activated" if changed else "not in standby")
+    click.echo("activated" if _switch_standby(config, False) else "not in standby")
 
 
 @main.command()
 @_config_option
 def standby(config: Path | None) -> None:
     """Enter warm standby: the balancers send no new traffic; the models stay loaded and warm."""
-    settings = _apply(config, {})
-    changed = Standby(settings.state_dir).set(True)
-    click.echo("in standby" if changed else "already in standby")
+    click.echo("in standby" if _switch_standby(config, True) else "already in standby")
+
+
+def _switch_standby(config: Path | None, on: bool) -> bool:
+    return Standby(_apply(config, {}).state_dir).set(on)
 
 
 @main.command()

@@ -5,8 +5,6 @@ flap. Read with PyYAML; kubectl builds the kustomizations (required under ``make
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +12,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from llmserve.metrics import LLMMetrics
-from tests.conftest import missing_service
-from tests.test_deploy_units import K8S, by_kind, check_deployment, load_yaml
+from tests.test_deploy_units import K8S, by_kind, check_deployment, kustomize_build, load_yaml
 
 KEDA, HPA = K8S / "keda", K8S / "hpa"
 SIGNAL = "llmserve_desired_replicas"
 HPA_SYNC_SECONDS = 15  # kube-controller-manager's --horizontal-pod-autoscaler-sync-period default
 SPIKE = 10
-
-
-def built(overlay: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        missing_service("kubectl is not installed")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return load_yaml(result.stdout)
 
 
 def scaler_spec(overlay: Path, documents: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -56,7 +42,7 @@ def scaler_spec(overlay: Path, documents: list[dict[str, Any]]) -> tuple[dict[st
 
 @pytest.mark.parametrize("overlay", [KEDA, HPA], ids=["keda", "hpa"])
 def test_the_overlay_scales_the_shipped_deployment_on_the_exported_signal(overlay: Path) -> None:
-    documents = built(overlay)
+    documents = kustomize_build(overlay)
     deployment = by_kind(documents, "Deployment")
     check_deployment(deployment, by_kind(documents, "Service"))
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
@@ -86,7 +72,7 @@ def replicas_after(behavior: dict[str, Any], start: int, wanted: int, seconds: i
 
 @pytest.mark.parametrize("overlay", [KEDA, HPA], ids=["keda", "hpa"])
 def test_a_tenfold_spike_is_one_sync_and_scaling_down_waits_and_steps(overlay: Path) -> None:
-    _, behavior, _ = scaler_spec(overlay, built(overlay))
+    _, behavior, _ = scaler_spec(overlay, kustomize_build(overlay))
     assert replicas_after(behavior, 2, 2 * SPIKE, HPA_SYNC_SECONDS) == 2 * SPIKE
     down = behavior["scaleDown"]
     assert down["stabilizationWindowSeconds"] >= 300  # no scale-down in the 5 minutes after a spike

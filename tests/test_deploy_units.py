@@ -468,8 +468,8 @@ def test_gpu_overlay_asks_for_a_gpu_and_offloads() -> None:
     assert_settings_variables(env_of(main), "deployment-gpu.yaml")
 
 
-@pytest.mark.parametrize("overlay", [K8S_BASE, K8S_GPU], ids=["base", "gpu"])
-def test_kustomize_builds(overlay: Path) -> None:
+def kustomize_build(overlay: Path) -> list[dict[str, Any]]:
+    """The manifests ``kubectl kustomize`` builds from ``overlay``."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         missing_service("kubectl is not installed")
@@ -477,7 +477,12 @@ def test_kustomize_builds(overlay: Path) -> None:
         [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 0, result.stderr
-    documents = load_yaml(result.stdout)
+    return load_yaml(result.stdout)
+
+
+@pytest.mark.parametrize("overlay", [K8S_BASE, K8S_GPU], ids=["base", "gpu"])
+def test_kustomize_builds(overlay: Path) -> None:
+    documents = kustomize_build(overlay)
     check_deployment(by_kind(documents, "Deployment"), by_kind(documents, "Service"))
 
 

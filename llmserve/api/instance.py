@@ -31,17 +31,19 @@ def instance() -> Response:
     return _view(Standby(server_settings().state_dir))
 
 
+def _switched(on: bool) -> Response:
+    standby = Standby(server_settings().state_dir)
+    standby.set(on)
+    return _view(standby)
+
+
 @blueprint.post("/v1/admin/activate")
 @documented(Operation("Leave warm standby: the balancers send traffic again (admin key)", errors=(403,)))
 def activate() -> Response:
-    standby = Standby(server_settings().state_dir)
-    standby.set(False)
-    return _view(standby)
+    return _switched(False)
 
 
 @blueprint.post("/v1/admin/standby")
 @documented(Operation("Enter warm standby: no new traffic, the models stay warm (admin key)", errors=(403,)))
 def enter_standby() -> Response:
-    standby = Standby(server_settings().state_dir)
-    standby.set(True)
-    return _view(standby)
+    return _switched(True)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -94,6 +95,21 @@ def running(fleet: list[Instance]) -> Iterator[list[Instance]]:
     finally:
         for member in fleet:
             member.stop()
+
+
+B = TypeVar("B", bound="Balancer")
+
+
+@contextmanager
+def balanced(base: Path, fleet: list[Instance], start: Callable[[Path, list[Instance]], B]) -> Iterator[B]:
+    """The instances started behind the balancer ``start`` makes (``start_haproxy``, ``start_nginx``) in
+    ``base``; the balancer and every instance stopped however the block ends."""
+    with running(fleet):
+        balancer = start(base, fleet)
+        try:
+            yield balancer
+        finally:
+            balancer.stop()
 
 
 @dataclass

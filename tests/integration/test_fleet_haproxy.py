@@ -21,9 +21,9 @@ from tests.integration.fleet import (
     HAProxy,
     Instance,
     Load,
+    balanced,
     instances,
     resumed_in_steps,
-    running,
     simulated_config,
     start_haproxy,
     stream,
@@ -35,12 +35,8 @@ from tests.integration.fleet import (
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Instance], HAProxy]]:
     base = tmp_path_factory.mktemp("fleet")
     members = instances(base, 3, agent=True, config=simulated_config(), drain_notice="2", graceful_timeout="20")
-    with running(members):
-        proxy = start_haproxy(base, members)
-        try:
-            yield members, proxy
-        finally:
-            proxy.stop()
+    with balanced(base, members, start_haproxy) as proxy:
+        yield members, proxy
 
 
 def all_up(servers: dict[str, dict[str, str]]) -> bool:

@@ -16,9 +16,9 @@ from tests.integration.fleet import (
     Balancer,
     Instance,
     Load,
+    balanced,
     instances,
     resumed_in_steps,
-    running,
     simulated_config,
     start_nginx,
     stream,
@@ -29,12 +29,8 @@ from tests.integration.fleet import (
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Instance], Balancer]]:
     base = tmp_path_factory.mktemp("nginx-fleet")
     members = instances(base, 2, agent=False, config=simulated_config(), graceful_timeout="20")
-    with running(members):
-        balancer = start_nginx(base, members)
-        try:
-            yield members, balancer
-        finally:
-            balancer.stop()
+    with balanced(base, members, start_nginx) as balancer:
+        yield members, balancer
 
 
 def generated(instance: Instance) -> int:

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.integration.fleet import HAProxy, Instance, instances, running, simulated_config, start_haproxy, stream
+from tests.integration.fleet import HAProxy, Instance, balanced, instances, simulated_config, start_haproxy, stream
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +21,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[list[Instan
     base = tmp_path_factory.mktemp("standby")
     members = instances(base, 2, agent=True, config=simulated_config())
     members[1].settings["standby"] = "true"
-    with running(members):
-        proxy = start_haproxy(base, members)
-        try:
-            yield members, proxy
-        finally:
-            proxy.stop()
+    with balanced(base, members, start_haproxy) as proxy:
+        yield members, proxy
 
 
 def sent(proxy: HAProxy) -> dict[str, int]:
