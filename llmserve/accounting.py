@@ -32,6 +32,7 @@ from flask import Flask, current_app
 from gevent.pool import Group
 
 from llmserve.errors import APIError, ClientDisconnected, QueueFull, QueueTimeout, RateLimited, ServiceUnavailable
+from llmserve.keys import KEYS_FILE
 from llmserve.ledger.jobs import JobRunner, start_jobs
 from llmserve.ledger.prices import PriceTable
 from llmserve.ledger.records import UsageRecord
@@ -146,7 +147,8 @@ class Accounting:
         self.ledger = Ledger.open(settings.resolved_url(self.settings.state_dir), migrate=False)
         self._writer = LedgerWriter(self.ledger, flush_interval=settings.flush_interval)
         self._writer.start()
-        self._jobs = start_jobs(self.ledger, settings, self.settings.state_dir)
+        state_dir = self.settings.state_dir
+        self._jobs = start_jobs(self.ledger, settings, state_dir, offsite_companions=(state_dir / KEYS_FILE,))
 
     def stop(self) -> None:
         """Record what is still settling, stop the jobs, write what is buffered and close the ledger."""

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from llmserve.ledger.backup import BackupError, backup, backups, prune, restore, verify
+from llmserve.ledger.backup import BackupError, backup, backups, prune, restore, ship, verify
+from llmserve.ledger.jobs import JobRunner
 from llmserve.ledger.owner import JOBS_LOCK, OwnerLock
 from llmserve.ledger.settings import default_url
 from llmserve.ledger.store import HOUR, Ledger, usage_hourly, usage_records
@@ -153,3 +154,45 @@ def test_postgresql_ledgers_are_backed_up_with_pg_dump(tmp_path: Path) -> None:
     ledger = Ledger(create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test"))  # never connects
     with pytest.raises(BackupError, match="pg_dump"):
         backup(ledger, tmp_path)
+
+
+def test_a_shipped_backup_is_checked_at_the_second_location_and_pruned_there(ledger: Ledger, tmp_path: Path) -> None:
+    local, offsite = tmp_path / "backups", tmp_path / "offsite"
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"keys": []}')
+    keys.chmod(0o600)
+    taken = [backup(ledger, local, now=T0 + timedelta(minutes=15 * n)) for n in range(3)]
+    for path in taken:
+        ship(path, offsite, keep=2, companions=(keys, tmp_path / "absent.json"))
+    assert backups(offsite) == [offsite / path.name for path in taken[1:]]
+    assert all(verify(path) for path in backups(offsite))
+    assert (offsite / "keys.json").read_text() == keys.read_text()
+    assert (offsite / "keys.json").stat().st_mode & 0o777 == 0o600
+    assert not list(offsite.glob("*.partial")) and not (offsite / "absent.json").exists()
+    restored = Ledger.open(f"sqlite:///{restore(backups(offsite)[-1], tmp_path / 'rebuilt')}", migrate=False)
+    try:  # a new host, rebuilt from the second location
+        assert contents(restored) == contents(ledger)
+    finally:
+        restored.close()
+
+
+def test_a_damaged_backup_is_not_shipped_as_good(ledger: Ledger, tmp_path: Path) -> None:
+    path = backup(ledger, tmp_path / "backups")
+    with path.open("r+b") as file:  # damaged after its checksum was written
+        file.seek(100)
+        file.write(b"\xff" * 16)
+    with pytest.raises(BackupError, match="does not verify"):
+        ship(path, tmp_path / "offsite", keep=2)
+
+
+def test_each_scheduled_backup_is_shipped_and_one_that_cannot_be_stays_here(
+    ledger: Ledger, state_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shipping = JobRunner(ledger, state_dir, offsite_dir=tmp_path / "offsite")
+    shipping.back_up()
+    assert [path.name for path in backups(tmp_path / "offsite")] == [path.name for path in backups(shipping.backup_dir)]
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    JobRunner(ledger, state_dir, backup_dir=tmp_path / "here", offsite_dir=blocked).back_up()
+    assert len(backups(tmp_path / "here")) == 1
+    assert "not shipped" in caplog.text

@@ -8,6 +8,9 @@ self-contained file. The checksum file is written last: a backup without one is 
 Restore: stop the server first. ``restore`` refuses while a server holds the jobs lock of the state
 directory, but a server starting in the middle of a restore is not detected.
 
+With ``ledger.offsite_dir`` set, every backup is also copied to that second location (``ship``) with the
+key file, checked there, and pruned there as here: what survives the loss of this host's disk.
+
 PostgreSQL ledgers are not backed up here: that is ``pg_dump``'s job (or the database's own backups).
 """
 
@@ -18,6 +21,7 @@ import logging
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterable
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +87,25 @@ def prune(backup_dir: Path, keep: int) -> list[Path]:
     return old
 
 
+def ship(backup_path: Path, offsite_dir: Path, keep: int, companions: Iterable[Path] = ()) -> Path:
+    """Copy a backup to ``offsite_dir``, a second location (another host's mount, a directory that rsync or
+    rclone ships), with its checksum last, and check the copy there; then copy ``companions`` that exist
+    (the key file) and keep the ``keep`` newest backups there. Returns the copy."""
+    offsite_dir.mkdir(parents=True, exist_ok=True)
+    target = offsite_dir / backup_path.name
+    _copy_atomically(backup_path, target)
+    _copy_atomically(_checksum_path(backup_path), _checksum_path(target))
+    problem = _problem(target)
+    if problem is not None:
+        raise BackupError(f"the copy of {backup_path.name} in {offsite_dir} does not verify: {problem}")
+    for companion in companions:
+        if companion.is_file():
+            _copy_atomically(companion, offsite_dir / companion.name)
+    prune(offsite_dir, keep)
+    _sync_dir(offsite_dir)
+    return target
+
+
 def restore(backup_path: Path, state_dir: Path) -> Path:
     """Replace the ledger of ``state_dir`` with a verified backup; returns the ledger's path.
 
@@ -144,6 +167,15 @@ def _sha256(path: Path) -> str:
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """``source`` to ``target`` with its permissions (a key file stays 0600), whole or not at all."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    shutil.copymode(source, partial)
+    _sync(partial)
+    os.replace(partial, target)
 
 
 def _write_atomically(path: Path, text: str) -> None:

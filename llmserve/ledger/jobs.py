@@ -101,13 +101,18 @@ class JobRunner:
         backup_dir: Path | None = None,
         backup_interval: float = 15.0,
         backup_keep: int = 96,
+        offsite_dir: Path | None = None,
+        offsite_companions: tuple[Path, ...] = (),
         claim_interval: float = 60.0,
     ) -> None:
-        """``backup_interval`` in minutes (0: no backups), ``claim_interval`` in seconds."""
+        """``backup_interval`` in minutes (0: no backups), ``claim_interval`` in seconds; each backup is also
+        shipped to ``offsite_dir`` (when set) with ``offsite_companions``."""
         self.ledger = ledger
         self.backup_dir = backup_dir or state_dir / BACKUP_DIR
         self.backup_interval = backup_interval
         self.backup_keep = backup_keep
+        self.offsite_dir = offsite_dir
+        self.offsite_companions = offsite_companions
         self.claim_interval = claim_interval
         self.lock = OwnerLock(state_dir / JOBS_LOCK)
         self._tasks = _TaskThread()
@@ -152,10 +157,19 @@ class JobRunner:
             self.ledger.roll_up(hour)
 
     def back_up(self) -> None:
-        """Take a backup and delete the ones beyond ``backup_keep``."""
+        """Take a backup, delete the ones beyond ``backup_keep``, and ship it off the host when configured
+        (a failure to ship is logged; the local backup stands)."""
         path = backups.backup(self.ledger, self.backup_dir)
         removed = backups.prune(self.backup_dir, self.backup_keep)
         log.info("ledger backed up to %s (%d bytes); %d old backups removed", path, path.stat().st_size, len(removed))
+        if self.offsite_dir is None:
+            return
+        try:
+            shipped = backups.ship(path, self.offsite_dir, self.backup_keep, self.offsite_companions)
+        except (OSError, backups.BackupError) as exc:
+            log.error("ledger backup %s not shipped to %s: %s", path.name, self.offsite_dir, exc)
+            return
+        log.info("ledger backup shipped to %s", shipped)
 
     def _claim(self) -> None:
         if self.lock.held or not self.lock.try_acquire():
@@ -187,7 +201,9 @@ class JobRunner:
         return datetime.fromtimestamp(taken[-1].stat().st_mtime, UTC) if taken else datetime.min.replace(tzinfo=UTC)
 
 
-def start_jobs(ledger: Ledger, settings: LedgerSettings, state_dir: Path) -> JobRunner:
+def start_jobs(
+    ledger: Ledger, settings: LedgerSettings, state_dir: Path, offsite_companions: tuple[Path, ...] = ()
+) -> JobRunner:
     """Start this worker's job runner; it runs the jobs only while it owns them."""
     runner = JobRunner(
         ledger,
@@ -195,6 +211,8 @@ def start_jobs(ledger: Ledger, settings: LedgerSettings, state_dir: Path) -> Job
         backup_dir=settings.resolved_backup_dir(state_dir),
         backup_interval=settings.backup_interval,
         backup_keep=settings.backup_keep,
+        offsite_dir=settings.offsite_dir,
+        offsite_companions=offsite_companions,
     )
     runner.start()
     return runner

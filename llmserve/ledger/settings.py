@@ -31,6 +31,11 @@ class LedgerSettings(BaseModel):
         15, ge=0, le=7 * 24 * 60, description="Minutes between SQLite backups; 0: none (PostgreSQL: use pg_dump)."
     )
     backup_keep: int = Field(96, ge=1, le=100_000, description="Newest backups kept; older ones are deleted.")
+    offsite_dir: Path | None = Field(
+        None,
+        description="A second location every backup is copied to, with the key file (another host's mount, or a "
+        "directory rsync or rclone ships off the host); empty: none.",
+    )
 
     def resolved_url(self, state_dir: Path) -> str:
         return self.url or default_url(state_dir)
