@@ -1,7 +1,7 @@
 """The browser console: ``GET /`` and its assets under ``/console/``, plain HTML, CSS and JavaScript.
 
 The page holds no data and needs no key: its script asks for one when the server has tenants, keeps it
-in the tab's ``sessionStorage`` and sends it as a bearer token with the API calls it makes (``/v1/status``,
+in the page's memory only and sends it as a bearer token with the API calls it makes (``/v1/status``,
 ``/v1/models``, the generation endpoints, ``/v1/tenants``, ``/v1/usage``), so it shows exactly what that
 key may read. A strict Content-Security-Policy allows nothing but this origin's own scripts and styles.
 Off with ``console = false``: then ``/`` is a 404 again.
